@@ -1,0 +1,26 @@
+"""fastreg: fused compiled kernels for normalization and regularization layers."""
+
+from ._backend import use_backend
+from .norm import (
+    batch_norm,
+    batch_norm_backward,
+    group_norm,
+    group_norm_backward,
+    instance_norm,
+    instance_norm_backward,
+    layer_norm,
+    layer_norm_backward,
+    rms_norm,
+    rms_norm_backward,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "use_backend",
+    "layer_norm", "layer_norm_backward",
+    "rms_norm", "rms_norm_backward",
+    "batch_norm", "batch_norm_backward",
+    "group_norm", "group_norm_backward",
+    "instance_norm", "instance_norm_backward",
+]

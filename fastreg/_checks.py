@@ -1,0 +1,188 @@
+"""Argument validation shared by every public function.
+
+Every check runs before any kernel and raises ``TypeError`` (wrong type or
+dtype) or ``ValueError`` (wrong value or shape) with one message style::
+
+    layer_norm: 'eps' must be a finite number > 0, got -1.0.
+
+The message names the function, the argument, what was expected and what was
+received, so a failure deep in a training loop points at its cause.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import numpy as np
+
+from . import _backend
+
+
+def _fail(exc, caller, name, expected, got):
+    raise exc(f"{caller}: '{name}' must be {expected}, got {got}.")
+
+
+def _dtype_names(dtypes):
+    return ", ".join(np.dtype(d).name for d in dtypes)
+
+
+def array(name, x, *, caller, dtypes, ndim=None, min_ndim=None):
+    """Check that ``x`` is a NumPy/CuPy array of one of ``dtypes``."""
+    if _backend.array_kind(x) is None:
+        _fail(TypeError, caller, name, "a NumPy or CuPy array", f"{type(x).__name__}")
+    if x.dtype not in dtypes:
+        _fail(TypeError, caller, name, f"a floating array ({_dtype_names(dtypes)})",
+              f"dtype {x.dtype}")
+    if ndim is not None and x.ndim != ndim:
+        _fail(ValueError, caller, name, f"a {ndim}-D array", f"shape {x.shape}")
+    if min_ndim is not None and x.ndim < min_ndim:
+        _fail(ValueError, caller, name, f"an array with at least {min_ndim} dimensions",
+              f"shape {x.shape}")
+    return x
+
+
+def same_kind(caller, **arrays):
+    """All non-None arrays must come from one library (NumPy or CuPy)."""
+    kinds = {name: _backend.array_kind(a) for name, a in arrays.items() if a is not None}
+    if len(set(kinds.values())) > 1:
+        listing = ", ".join(f"'{n}' is {k}" for n, k in kinds.items())
+        raise TypeError(f"{caller}: all arrays must come from one library, but {listing}.")
+
+
+def like(name, a, *, caller, shape, dtype, writeable=False, none_ok=True):
+    """Check an auxiliary array (weight, bias, statistics) for shape and dtype."""
+    if a is None:
+        if none_ok:
+            return None
+        _fail(ValueError, caller, name, f"an array of shape {tuple(shape)}", "None")
+    if _backend.array_kind(a) is None:
+        _fail(TypeError, caller, name, "a NumPy or CuPy array or None", type(a).__name__)
+    if tuple(a.shape) != tuple(shape):
+        _fail(ValueError, caller, name, f"an array of shape {tuple(shape)}", f"shape {a.shape}")
+    if dtype is not None and a.dtype != dtype:
+        _fail(TypeError, caller, name, f"of dtype {np.dtype(dtype).name}", f"dtype {a.dtype}")
+    if writeable and not _writeable(a):
+        _fail(ValueError, caller, name, "writeable (it is updated in place)", "a read-only array")
+    return a
+
+
+def floating_like(name, a, *, caller, shape, dtypes, writeable=False):
+    """Like :func:`like` but accepting any of ``dtypes`` (running statistics)."""
+    if a is None:
+        return None
+    like(name, a, caller=caller, shape=shape, dtype=None, writeable=writeable)
+    if a.dtype not in dtypes:
+        _fail(TypeError, caller, name, f"a floating array ({_dtype_names(dtypes)})",
+              f"dtype {a.dtype}")
+    return a
+
+
+def _writeable(a):
+    flags = getattr(a, "flags", None)
+    return True if flags is None else bool(getattr(flags, "writeable", True))
+
+
+def scalar(name, value, *, caller, gt=None, ge=None, le=None, lt=None):
+    """A finite real number within the given bounds; returns it as float."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        _fail(TypeError, caller, name, "a real number", f"{type(value).__name__} {value!r}")
+    v = float(value)
+    bounds = []
+    if gt is not None:
+        bounds.append(f"> {gt}")
+    if ge is not None:
+        bounds.append(f">= {ge}")
+    if lt is not None:
+        bounds.append(f"< {lt}")
+    if le is not None:
+        bounds.append(f"<= {le}")
+    expected = "a finite number" + (" " + " and ".join(bounds) if bounds else "")
+    ok = math.isfinite(v)
+    ok = ok and (gt is None or v > gt) and (ge is None or v >= ge)
+    ok = ok and (lt is None or v < lt) and (le is None or v <= le)
+    if not ok:
+        _fail(ValueError, caller, name, expected, repr(value))
+    return v
+
+
+def integer(name, value, *, caller, ge=None):
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        _fail(TypeError, caller, name, "an integer", f"{type(value).__name__} {value!r}")
+    v = int(value)
+    if ge is not None and v < ge:
+        _fail(ValueError, caller, name, f"an integer >= {ge}", repr(value))
+    return v
+
+
+def flag(name, value, *, caller):
+    if not isinstance(value, (bool, np.bool_)):
+        _fail(TypeError, caller, name, "True or False", repr(value))
+    return bool(value)
+
+
+def choice(name, value, *, caller, choices):
+    if value not in choices:
+        allowed = ", ".join(repr(c) for c in choices)
+        _fail(ValueError, caller, name, f"one of {allowed}", repr(value))
+    return value
+
+
+def axis(name, value, *, caller, ndim):
+    """A valid axis of an ``ndim``-D array; returns it normalized to [0, ndim)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        _fail(TypeError, caller, name, "an integer axis", f"{type(value).__name__} {value!r}")
+    v = int(value)
+    if not -ndim <= v < ndim:
+        _fail(ValueError, caller, name, f"an axis in [-{ndim}, {ndim}) for a {ndim}-D input",
+              repr(value))
+    return v % ndim
+
+
+def out(caller, out_arg, specs, inputs):
+    """Validate ``out=`` and allocate what it leaves as None.
+
+    ``specs`` is a list of ``(name, shape, dtype, like)`` for each output, where
+    ``like`` is None (allocate C-contiguous) or an array whose memory layout a
+    fresh output should copy (``empty_like(..., order="K")``), and ``dtype``
+    None marks an output that is not produced (it must be None in ``out``).
+    ``inputs`` maps argument names to arrays no output may overlap.
+    Returns the list of output arrays.
+    """
+    n = len(specs)
+    if out_arg is None:
+        out_arg = (None,) * n
+    if not isinstance(out_arg, (tuple, list)) or len(out_arg) != n:
+        _fail(TypeError, caller, "out", f"a tuple of {n} arrays or None",
+              type(out_arg).__name__ if not isinstance(out_arg, (tuple, list))
+              else f"a sequence of length {len(out_arg)}")
+    result = []
+    for i, ((name, shape, dtype, like_arr), o) in enumerate(zip(specs, out_arg)):
+        label = f"out[{i}] ({name})"
+        if dtype is None:
+            if o is not None:
+                _fail(ValueError, caller, label, "None because this output is not computed",
+                      "an array")
+            result.append(None)
+            continue
+        if o is None:
+            result.append(_backend.empty(shape, dtype, like=like_arr, inputs=inputs))
+            continue
+        if _backend.array_kind(o) is None:
+            _fail(TypeError, caller, label, "an array or None", type(o).__name__)
+        if tuple(o.shape) != tuple(shape):
+            _fail(ValueError, caller, label, f"an array of shape {tuple(shape)}", f"shape {o.shape}")
+        if o.dtype != dtype:
+            _fail(TypeError, caller, label, f"of dtype {np.dtype(dtype).name}", f"dtype {o.dtype}")
+        if not _writeable(o):
+            _fail(ValueError, caller, label, "writeable", "a read-only array")
+        for in_name, a in inputs.items():
+            if a is not None and _backend.may_share_memory(o, a):
+                _fail(ValueError, caller, label, f"memory separate from '{in_name}'",
+                      "an overlapping array")
+        for j, prev in enumerate(result):
+            if prev is not None and _backend.may_share_memory(o, prev):
+                _fail(ValueError, caller, label, f"memory separate from out[{j}]",
+                      "an overlapping array")
+        result.append(o)
+    return result
