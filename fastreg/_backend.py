@@ -74,7 +74,7 @@ def select(family, *arrays, backend=None, caller="fastreg"):
     Raises TypeError when the arrays mix libraries or do not suit the
     requested backend, and RuntimeError when a backend is not available.
     """
-    kinds = {array_kind(a) for a in arrays if a is not None}
+    kinds = {array_kind(a) for a in arrays} - {None}  # non-arrays are the checks' business
     if len(kinds) > 1:
         raise TypeError(f"{caller}: all arrays must come from one library, got {sorted(kinds)}.")
     kind = kinds.pop() if kinds else "numpy"

@@ -44,7 +44,8 @@ def array(name, x, *, caller, dtypes, ndim=None, min_ndim=None):
 
 def same_kind(caller, **arrays):
     """All non-None arrays must come from one library (NumPy or CuPy)."""
-    kinds = {name: _backend.array_kind(a) for name, a in arrays.items() if a is not None}
+    kinds = {name: _backend.array_kind(a) for name, a in arrays.items()
+             if _backend.array_kind(a) is not None}
     if len(set(kinds.values())) > 1:
         listing = ", ".join(f"'{n}' is {k}" for n, k in kinds.items())
         raise TypeError(f"{caller}: all arrays must come from one library, but {listing}.")

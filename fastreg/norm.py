@@ -96,7 +96,7 @@ def layer_norm(x, weight=None, bias=None, eps=1e-5, *, normalized_ndim=1, out=No
     caller = "layer_norm"
     impl = _setup(caller, backend, x, weight=weight, bias=bias)
     k = _normalized_ndim(caller, normalized_ndim, x)
-    eps = _checks.scalar("eps", eps, caller=caller, gt=0.0)
+    eps = _checks.scalar("eps", eps, caller=caller, gt=0)
     pshape = x.shape[x.ndim - k:]
     _checks.like("weight", weight, caller=caller, shape=pshape, dtype=x.dtype)
     _checks.like("bias", bias, caller=caller, shape=pshape, dtype=x.dtype)
@@ -153,7 +153,7 @@ def rms_norm(x, weight=None, eps=1e-6, *, normalized_ndim=1, out=None, backend=N
     caller = "rms_norm"
     impl = _setup(caller, backend, x, weight=weight)
     k = _normalized_ndim(caller, normalized_ndim, x)
-    eps = _checks.scalar("eps", eps, caller=caller, gt=0.0)
+    eps = _checks.scalar("eps", eps, caller=caller, gt=0)
     pshape, bshape, sd = x.shape[x.ndim - k:], x.shape[:x.ndim - k], _stats_dtype(x.dtype)
     _checks.like("weight", weight, caller=caller, shape=pshape, dtype=x.dtype)
     outs = _checks.out(caller, out, [("y", x.shape, x.dtype, None), ("rstd", bshape, sd, None)],
@@ -239,8 +239,8 @@ def batch_norm(x, weight=None, bias=None, running_mean=None, running_var=None, *
     impl = _setup(caller, backend, x, 2, weight=weight, bias=bias, running_mean=running_mean,
                   running_var=running_var)
     training = _checks.flag("training", training, caller=caller)
-    momentum = _checks.scalar("momentum", momentum, caller=caller, ge=0.0, le=1.0)
-    eps = _checks.scalar("eps", eps, caller=caller, gt=0.0)
+    momentum = _checks.scalar("momentum", momentum, caller=caller, ge=0, le=1)
+    eps = _checks.scalar("eps", eps, caller=caller, gt=0)
     ax = _channel_axis(caller, axis, x)
     activation = _checks.choice("activation", activation, caller=caller, choices=_ACTIVATIONS)
     C = x.shape[ax]
@@ -340,7 +340,7 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, *, axis=1, out=N
     ax = _channel_axis(caller, axis, x, first_or_last=True)
     C = x.shape[ax]
     G = _check_groups(caller, num_groups, C)
-    eps = _checks.scalar("eps", eps, caller=caller, gt=0.0)
+    eps = _checks.scalar("eps", eps, caller=caller, gt=0)
     _checks.like("weight", weight, caller=caller, shape=(C,), dtype=x.dtype)
     _checks.like("bias", bias, caller=caller, shape=(C,), dtype=x.dtype)
     sd, N = _stats_dtype(x.dtype), x.shape[0]
@@ -402,8 +402,8 @@ def instance_norm(x, weight=None, bias=None, running_mean=None, running_var=None
     impl = _setup(caller, backend, x, 3, weight=weight, bias=bias, running_mean=running_mean,
                   running_var=running_var)
     use_input_stats = _checks.flag("use_input_stats", use_input_stats, caller=caller)
-    momentum = _checks.scalar("momentum", momentum, caller=caller, ge=0.0, le=1.0)
-    eps = _checks.scalar("eps", eps, caller=caller, gt=0.0)
+    momentum = _checks.scalar("momentum", momentum, caller=caller, ge=0, le=1)
+    eps = _checks.scalar("eps", eps, caller=caller, gt=0)
     ax = _channel_axis(caller, axis, x, first_or_last=True)
     N, C = x.shape[0], x.shape[ax]
     _checks.like("weight", weight, caller=caller, shape=(C,), dtype=x.dtype)

@@ -1,0 +1,67 @@
+"""Dispatch: NumPy arrays run the Numba kernels unless a backend is forced."""
+
+import numpy as np
+import pytest
+
+import fastreg
+import fastreg.reference.norm as reference
+
+
+@pytest.fixture
+def reference_calls(monkeypatch):
+    calls = []
+    original = reference.layer_norm
+
+    def spy(*args):
+        calls.append(args)
+        return original(*args)
+
+    monkeypatch.setattr(reference, "layer_norm", spy)
+    return calls
+
+
+def test_numpy_arrays_default_to_the_cpu_kernels(reference_calls):
+    fastreg.layer_norm(np.ones((2, 3), np.float32))
+    assert reference_calls == []
+
+
+def test_backend_argument_forces_the_reference(reference_calls):
+    fastreg.layer_norm(np.ones((2, 3), np.float32), backend="reference")
+    assert len(reference_calls) == 1
+
+
+def test_use_backend_context_nests_and_restores(reference_calls):
+    x = np.ones((2, 3))
+    with fastreg.use_backend("reference"):
+        fastreg.layer_norm(x)
+        with fastreg.use_backend("cpu"):
+            fastreg.layer_norm(x)
+        fastreg.layer_norm(x)
+    fastreg.layer_norm(x)
+    assert len(reference_calls) == 2
+
+
+def test_backend_argument_wins_over_context(reference_calls):
+    with fastreg.use_backend("cpu"):
+        fastreg.layer_norm(np.ones((2, 3)), backend="reference")
+    assert len(reference_calls) == 1
+
+
+def test_environment_variable_selects_backend(reference_calls, monkeypatch):
+    monkeypatch.setenv("FASTREG_BACKEND", "reference")
+    fastreg.layer_norm(np.ones((2, 3)))
+    assert len(reference_calls) == 1
+
+
+def test_use_backend_rejects_unknown_names():
+    with pytest.raises(ValueError, match="'backend' must be one of 'cpu', 'cuda', 'reference'"):
+        with fastreg.use_backend("gpu"):
+            pass
+
+
+def test_import_compiles_nothing():
+    import subprocess
+    import sys
+    code = "import sys, fastreg; print('numba' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False", "importing fastreg must not load Numba or compile"
