@@ -184,3 +184,9 @@ def rms_norm_backward(dy, x, rstd, weight, normalized_ndim, out):
                        dxt.reshape(M, D), dw_part)
     finish(dx, dxt)
     _reduce_blocks(dw_part, dweight)
+
+
+# Batch and group norm live in their own files (channel layouts, more kernels);
+# this module is the family's single entry point, as reference/norm.py is.
+from ._batch_norm import batch_norm, batch_norm_backward  # noqa: E402,F401
+from ._group_norm import group_norm, group_norm_backward  # noqa: E402,F401
