@@ -1,31 +1,69 @@
-"""pytest-benchmark suite for the norm ops: the bench command's case table, with
-peers (fastreg into preallocated outputs, fastreg fresh, NumPy reference,
-PyTorch) as parametrizations and one group per case.
+"""pytest-benchmark suite for the norm ops, on the case table of ``python -m fastreg bench``.
+
+One test per op and direction (``test_layer_norm_fwd``, ..., ``test_layer_norm_fwd_bwd``),
+parametrized over the standard shapes and the peers: fastreg into
+preallocated outputs (``out=``), fastreg into fresh outputs, the NumPy
+reference, and PyTorch when it is importable. Each case is a group named
+``<op>_<dir>|<shape>|<dtype>`` (the shape as stored: NHWC cases read
+N x H x W x C), so the peers of a case are compared side by side.
 
     python -m pytest bench/ --benchmark-only [--benchmark-json=bench/results/cpu.json]
-    python -m pytest bench/ --benchmark-only --benchmark-compare   # against the last saved run
-    FASTREG_BENCH_QUICK=1 ...                                       # small shapes
+    FASTREG_BENCH_QUICK=1 FASTREG_BENCH_OPS=layer_norm python -m pytest bench/ --benchmark-only
+    python bench/report.py bench/results/cpu.json        # the markdown table
 
-Each benchmark records its minimal byte count and GB/s in extra_info;
-bench/report.py turns the JSON into a markdown table.
+Each benchmark records in ``extra_info`` its minimal byte count (``bytes``),
+``GB/s`` and ``% copy`` (of the copy ceiling measured in conftest.py), and
+the case's op, direction, layout, shape and peer. The fastreg peer also
+checks its result against the reference once per case, so a wrong kernel
+fails its benchmark instead of posting a time.
 """
 
+import functools
 import os
 
 import pytest
 
-from fastreg._bench import build_cases
+from fastreg import _bench
 
-CASES = build_cases(quick=os.environ.get("FASTREG_BENCH_QUICK") == "1")
-PAIRS = [(case, peer) for case in CASES for peer in case.runs]
+QUICK = os.environ.get("FASTREG_BENCH_QUICK") == "1"
+SPECS = _bench.select_specs(os.environ.get("FASTREG_BENCH_OPS", "*"), QUICK)
 
 
-@pytest.mark.parametrize("case,peer", PAIRS, ids=[f"{c.name}|{p}" for c, p in PAIRS])
-def test_norm(benchmark, case, peer):
-    benchmark.group = case.name
-    benchmark.extra_info["bytes"] = case.nbytes
-    benchmark.extra_info["peer"] = peer
-    fn = case.runs[peer]
-    fn()  # compile / warm up outside the timing
-    benchmark(fn)
-    benchmark.extra_info["GB/s"] = case.nbytes / benchmark.stats.stats.median / 1e9
+@functools.lru_cache(maxsize=1)
+def _cases(spec, torch):
+    """The built cases of the last spec (inputs are large: one spec alive at a time)."""
+    return _bench.build(spec, torch)
+
+
+def _define(op, direction):
+    params = [pytest.param(spec, peer, id=f"{spec.name(direction)}|{peer}")
+              for spec in SPECS if spec.op == op for peer in _bench.PEERS]
+
+    @pytest.mark.parametrize("spec,peer", params)
+    def bench(benchmark, spec, peer, copy_gbs, torch_module):
+        if peer == "torch" and torch_module is None:
+            pytest.skip("torch is not installed")
+        case = _cases(spec, torch_module)[direction]
+        benchmark.group = case.name
+        benchmark.extra_info.update(
+            bytes=case.nbytes, peer=peer, op=op, direction=direction, layout=spec.layout,
+            shape=list(spec.shape), dtype=spec.dtype)
+        if peer == "fastreg" and case.verify is not None:
+            check = case.verify()
+            assert check["ok"], f"{case.name}: fastreg differs from the reference: {check}"
+        fn = case.runs[peer]
+        fn()                                    # warm-up outside the timing
+        benchmark(fn)
+        median = benchmark.stats.stats.median
+        benchmark.extra_info["GB/s"] = case.nbytes / median / 1e9
+        benchmark.extra_info["% copy"] = 100.0 * case.nbytes / median / 1e9 / copy_gbs
+
+    bench.__name__ = f"test_{op}_{direction.replace('+', '_')}"
+    bench.__qualname__ = bench.__name__
+    bench.__doc__ = f"{op} {direction}: every shape, every peer."
+    return bench
+
+
+globals().update({t.__name__: t for t in (_define(op, direction)
+                                          for op in dict.fromkeys(s.op for s in SPECS)
+                                          for direction in _bench.DIRECTIONS)})

@@ -1,21 +1,46 @@
-"""``python -m fastreg bench``: time every op against the copy ceiling, NumPy and PyTorch.
+"""``python -m fastreg bench``: time every norm op against the copy ceiling, NumPy and PyTorch.
 
-For each case (op, direction, shape, layout) it runs fastreg into preallocated
-outputs (``out=``) and into fresh ones, the NumPy reference, and PyTorch when
-installed; verifies fastreg against the reference; and reports the median
-time, GB/s over the minimal byte count (each input read once, each output
-written once), % of the machine's measured copy bandwidth, and the ratios.
+The method (shared/DESIGN.md §4): the kernels are memory-bound, so every case
+carries the fewest bytes its op must move (each input read once, each output
+written once, parameters and statistics included) and is reported as GB/s and
+as % of the machine's measured copy bandwidth, beside the ratio to the NumPy
+reference and to PyTorch measured in the same process.
 
-PyTorch runs with ``THP_MEM_ALLOC_ENABLE=1`` unless the caller set it: its
-default CPU allocator spends most of a call on page faults of fresh 4 KiB
-pages, which would flatter any competitor.
+Per case (op, direction, shape, layout, dtype) the peers are
+
+    fastreg        into preallocated outputs (``out=``), the loop-friendly call
+    fastreg fresh  into fresh outputs (pays the page faults of new memory)
+    numpy          the NumPy reference (``backend="reference"``)
+    torch          PyTorch's CPU kernels on the same memory (they allocate
+                   their outputs, with THP_MEM_ALLOC_ENABLE=1, see below)
+
+timed round robin (one sample of each peer per round, so a busy spell of a
+shared machine hits every peer alike), medians after a warm-up call. The
+first call of each fastreg forward/backward is timed separately: Numba
+compilation, or loading from Numba's cache when it is on (the header says
+which; ``FASTREG_NUMBA_CACHE=0`` or an empty ``NUMBA_CACHE_DIR`` times
+compilation). fastreg's results are then checked against the reference,
+both the ``out=`` buffers (poisoned with NaN first) and a fresh call; any
+failure (or exception) makes the command exit 1.
+
+PyTorch's CPU allocator hands out fresh 4 KiB pages and spends most of a call
+on their page faults unless ``THP_MEM_ALLOC_ENABLE=1`` (transparent huge
+pages) is set before torch is imported; users who care about speed set it,
+so the bench sets it too (unless the caller chose a value) and says so.
+
+The module is the case table (``Spec``, ``build``), timing (``time_peers``,
+``copy_bandwidth``), verification (``compare``) and reporting
+(``table_cells``, ``format_text``, ``format_markdown``); bench/bench_norm.py
+reuses the table for pytest-benchmark.
 """
 
 from __future__ import annotations
 
 import argparse
 import fnmatch
+import gc
 import json
+import math
 import os
 import pathlib
 import platform
@@ -27,382 +52,744 @@ import numpy as np
 
 import fastreg
 
-# --------------------------------------------------------------------------- cases
+EPS = 1e-5
+RMS_EPS = 1e-6
+MOMENTUM = 0.1
+PEERS = ("fastreg", "fastreg fresh", "numpy", "torch")
+DIRECTIONS = ("fwd", "bwd", "fwd+bwd")
+FUSED_TARGET = 5.0          # fwd+bwd: fastreg should beat the NumPy reference by this much
+
+# (rtol, atol) by dtype, as tests/_assert.py: forward outputs and gradients.
+TOLERANCES = {
+    "float32": {"out": (2e-5, 2e-5), "grad": (1e-4, 1e-4)},
+    "float64": {"out": (1e-12, 1e-12), "grad": (1e-10, 1e-10)},
+}
+TORCH_TOLERANCE = (1e-3, 1e-3)  # sanity check of the torch peer (float32 accumulations)
+
+
+# =========================================================================== case table
+
+@dataclass(frozen=True)
+class Spec:
+    """One benchmarked input: op, storage shape, layout, groups, dtype."""
+    op: str
+    shape: tuple            # the array's shape in memory: (N, H, W, C) for NHWC
+    layout: str             # "rows" (layer/RMS), "NCHW", "NHWC" or "2-D" (batch norm (N, C))
+    groups: int | None = None
+    dtype: str = "float32"
+
+    @property
+    def axis(self):
+        return -1 if self.layout == "NHWC" else 1
+
+    @property
+    def params(self):
+        """Length of weight/bias: the normalized size (rows) or the channels."""
+        return self.shape[-1] if self.layout in ("rows", "NHWC") else self.shape[1]
+
+    @property
+    def x_bytes(self):
+        return math.prod(self.shape) * np.dtype(self.dtype).itemsize
+
+    def name(self, direction):
+        return f"{self.op}_{direction}|{'x'.join(map(str, self.shape))}|{self.dtype}"
+
+
+STANDARD = [
+    Spec("layer_norm", (8192, 1024), "rows"),
+    Spec("layer_norm", (4096, 4096), "rows"),
+    Spec("rms_norm", (8192, 1024), "rows"),
+    Spec("rms_norm", (4096, 4096), "rows"),
+    Spec("batch_norm", (64, 64, 56, 56), "NCHW"),
+    Spec("batch_norm", (64, 56, 56, 64), "NHWC"),
+    Spec("batch_norm", (16384, 1024), "2-D"),
+    Spec("group_norm", (32, 128, 56, 56), "NCHW", 32),
+    Spec("group_norm", (32, 56, 56, 128), "NHWC", 32),
+    Spec("group_norm", (32, 256, 28, 28), "NCHW", 32),
+    Spec("group_norm", (32, 28, 28, 256), "NHWC", 32),
+    Spec("instance_norm", (32, 128, 56, 56), "NCHW"),
+]
+OPS = tuple(dict.fromkeys(s.op for s in STANDARD))
+
+
+def quick_spec(spec):
+    """About 1/16 of the data: the leading (batch or row) dimension divided by 16."""
+    return Spec(spec.op, (max(2, spec.shape[0] // 16), *spec.shape[1:]), spec.layout,
+                spec.groups, spec.dtype)
+
+
+def select_specs(ops="*", quick=False):
+    """The standard specs whose op matches one of the comma-separated globs in ``ops``."""
+    patterns = [p.strip() for p in ops.split(",") if p.strip()] or ["*"]
+    specs = [s for s in STANDARD if any(fnmatch.fnmatchcase(s.op, p) for p in patterns)]
+    return [quick_spec(s) for s in specs] if quick else specs
 
 
 @dataclass
 class Case:
-    op: str
-    direction: str                  # "fwd", "bwd" or "fwd+bwd"
-    shape: tuple
-    layout: str                     # "rows", "NCHW", "NHWC", "2-D"
-    dtype: str
-    nbytes: int = 0                 # minimal bytes moved
+    """One row of the table: peers to time, byte count, how to verify."""
+    spec: Spec
+    direction: str
+    nbytes: int                                 # minimal bytes moved
     runs: dict = field(default_factory=dict)    # peer -> zero-argument callable
-    verify: object = None           # () -> max scaled error of fastreg vs reference
+    verify: object = None                       # () -> compare() dict: fastreg vs reference
+    check_torch: object = None                  # () -> compare() dict: torch vs reference
+    first_call_s: float | None = None           # fastreg's first call in this process
 
     @property
     def name(self):
-        return f"{self.op}_{self.direction}|{'x'.join(map(str, self.shape))}|{self.layout}|{self.dtype}"
+        return self.spec.name(self.direction)
 
 
 def _nbytes(*arrays):
     return int(sum(a.nbytes for a in arrays if a is not None))
 
 
-def _max_error(got, ref):
-    """Largest |got - ref| / max(1, |ref|) over all outputs (NaN counts as failure)."""
-    worst = 0.0
-    for g, r in zip(got, ref):
-        if r is None:
+def make_inputs(spec, seed=0):
+    """x, dy, weight, bias (+ running stats for batch norm), standard normal."""
+    rng = np.random.default_rng(seed)
+    dt = np.dtype(spec.dtype)
+    normal = lambda shape: rng.standard_normal(shape, dtype=dt)  # noqa: E731
+    P = spec.params
+    d = {"x": normal(spec.shape), "dy": normal(spec.shape), "weight": normal(P),
+         "bias": None if spec.op == "rms_norm" else normal(P)}
+    if spec.op == "batch_norm":
+        d["running_mean"], d["running_var"] = np.zeros(P, dt), np.ones(P, dt)
+    return d
+
+
+def fastreg_calls(spec, d):
+    """``(fwd, bwd)``: ``fwd(**kw)`` and ``bwd(saved, **kw)`` call the public API on d,
+    where ``saved`` is a forward's result and kw is ``out=`` and/or ``backend=``."""
+    x, dy, w, b, ax = d["x"], d["dy"], d["weight"], d["bias"], spec.axis
+    op = spec.op
+    if op == "layer_norm":
+        return (lambda **k: fastreg.layer_norm(x, w, b, EPS, **k),
+                lambda s, **k: fastreg.layer_norm_backward(dy, x, s[1], s[2], w, b, **k))
+    if op == "rms_norm":
+        return (lambda **k: fastreg.rms_norm(x, w, RMS_EPS, **k),
+                lambda s, **k: fastreg.rms_norm_backward(dy, x, s[1], w, **k))
+    if op == "batch_norm":
+        rm, rv = d["running_mean"], d["running_var"]
+        return (lambda **k: fastreg.batch_norm(x, w, b, rm, rv, training=True,
+                                               momentum=MOMENTUM, eps=EPS, axis=ax, **k),
+                lambda s, **k: fastreg.batch_norm_backward(dy, x, s[1], s[2], w, b,
+                                                           axis=ax, **k))
+    if op == "group_norm":
+        G = spec.groups
+        return (lambda **k: fastreg.group_norm(x, G, w, b, EPS, axis=ax, **k),
+                lambda s, **k: fastreg.group_norm_backward(dy, x, s[1], s[2], G, w, b,
+                                                           axis=ax, **k))
+    if op == "instance_norm":
+        return (lambda **k: fastreg.instance_norm(x, w, b, momentum=MOMENTUM, eps=EPS,
+                                                  axis=ax, **k),
+                lambda s, **k: fastreg.instance_norm_backward(dy, x, s[1], s[2], w, b,
+                                                              axis=ax, **k))
+    raise ValueError(f"unknown op {op!r}")
+
+
+def output_names(op, direction):
+    if direction == "fwd":
+        return ("y", "rstd") if op == "rms_norm" else ("y", "mean", "rstd")
+    return ("dx", "dweight") if op == "rms_norm" else ("dx", "dweight", "dbias")
+
+
+def torch_calls(spec, d, torch):
+    """``(fwd, bwd, to_numpy)``: PyTorch's kernels on d's memory (zero copy).
+
+    NHWC storage is handed to torch as an (N, C, H, W) tensor in channels_last
+    memory format, which torch's CPU kernels support natively. The backward
+    runs from statistics saved by torch's own forward:
+    - layer, batch, group norm: the ATen backward op alone
+      (``native_layer_norm_backward``, ``native_batch_norm_backward``,
+      ``native_group_norm_backward``), exactly the kernel autograd would call,
+      without the autograd engine around it;
+    - instance norm: PyTorch runs it as batch norm over an (1, N*C, H, W) view
+      with the weight repeated N times, so its backward is
+      ``native_batch_norm_backward`` on that view plus the (tiny) sum of the
+      repeated weight's gradient over N: that is what is timed;
+    - RMS norm: ``F.rms_norm`` is a composite of elementwise ops on the CPU
+      with no backward op of its own, so autograd through its graph
+      (``torch.autograd.grad(..., retain_graph=True)``; the graph is built once).
+    """
+    F, aten = torch.nn.functional, torch.ops.aten
+    nhwc = spec.layout == "NHWC"
+
+    def view(a):
+        t = torch.from_numpy(a)
+        return t.permute(0, t.ndim - 1, *range(1, t.ndim - 1)) if nhwc else t
+
+    def to_numpy(t):
+        t = t if isinstance(t, torch.Tensor) else t[0]
+        return (t.permute(0, *range(2, t.ndim), 1) if nhwc else t).detach().numpy()
+
+    xt, dyt = view(d["x"]), view(d["dy"])
+    wt = torch.from_numpy(d["weight"])
+    bt = None if d["bias"] is None else torch.from_numpy(d["bias"])
+    mask = [True, True, True]
+    op = spec.op
+    if op in ("layer_norm", "rms_norm"):
+        D = spec.shape[-1]
+        if op == "layer_norm":
+            _, mt, rt = aten.native_layer_norm(xt, [D], wt, bt, EPS)
+            return (lambda: F.layer_norm(xt, (D,), wt, bt, EPS),
+                    lambda: aten.native_layer_norm_backward(dyt, xt, [D], mt, rt, wt, bt, mask),
+                    to_numpy)
+        xg, wg = xt.clone().requires_grad_(), wt.clone().requires_grad_()
+        yg = F.rms_norm(xg, (D,), wg, RMS_EPS)
+        return (lambda: F.rms_norm(xt, (D,), wt, RMS_EPS),
+                lambda: torch.autograd.grad(yg, (xg, wg), dyt, retain_graph=True),
+                to_numpy)
+    N, C = xt.shape[0], xt.shape[1]
+    HW = math.prod(xt.shape[2:])
+    if op == "batch_norm":
+        rmt = torch.from_numpy(d["running_mean"].copy())
+        rvt = torch.from_numpy(d["running_var"].copy())
+        _, sm, si = aten.native_batch_norm(xt, wt, bt, rmt.clone(), rvt.clone(), True,
+                                           MOMENTUM, EPS)
+        return (lambda: F.batch_norm(xt, rmt, rvt, wt, bt, True, MOMENTUM, EPS),
+                lambda: aten.native_batch_norm_backward(dyt, xt, wt, rmt, rvt, sm, si, True,
+                                                        EPS, mask),
+                to_numpy)
+    if op == "group_norm":
+        G = spec.groups
+        _, gm, gr = aten.native_group_norm(xt, wt, bt, N, C, HW, G, EPS)
+        return (lambda: F.group_norm(xt, G, wt, bt, EPS),
+                lambda: aten.native_group_norm_backward(dyt, xt, gm, gr, wt, N, C, HW, G, mask),
+                to_numpy)
+    if op == "instance_norm":
+        x2 = xt.contiguous().view(1, N * C, *xt.shape[2:])
+        dy2 = dyt.contiguous().view(x2.shape)
+        w2, b2 = wt.repeat(N), bt.repeat(N)
+        _, sm, si = aten.native_batch_norm(x2, w2, b2, None, None, True, MOMENTUM, EPS)
+
+        def bwd():
+            gx, gw, gb = aten.native_batch_norm_backward(dy2, x2, w2, None, None, sm, si, True,
+                                                         EPS, mask)
+            return gx.view(xt.shape), gw.view(N, C).sum(0), gb.view(N, C).sum(0)
+        return (lambda: F.instance_norm(xt, None, None, wt, bt, True, MOMENTUM, EPS), bwd,
+                to_numpy)
+    raise ValueError(f"unknown op {op!r}")
+
+
+def build(spec, torch=None, seed=0):
+    """The fwd, bwd and fwd+bwd cases of one spec, as ``{direction: Case}``.
+
+    Allocates the inputs and the preallocated outputs, and makes fastreg's
+    first forward and backward calls (timed: compilation or cache loading).
+    The reference results are computed only when a case is verified.
+    """
+    d = make_inputs(spec, seed)
+    fwd, bwd = fastreg_calls(spec, d)
+    t0 = time.perf_counter()
+    saved = fwd()
+    t_fwd = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    grads = bwd(saved)
+    t_bwd = time.perf_counter() - t0
+    fout = tuple(np.empty_like(a) for a in saved)
+    bout = tuple(None if a is None else np.empty_like(a) for a in grads)
+
+    running = (2 * _nbytes(d["running_mean"], d["running_var"])  # read and written
+               if spec.op == "batch_norm" else 0)
+    fwd_bytes = _nbytes(d["x"], d["weight"], d["bias"], *saved) + running
+    bwd_bytes = _nbytes(d["dy"], d["x"], *saved[1:], d["weight"], *grads)
+
+    reference = {}
+
+    def ref(direction):
+        if direction not in reference:
+            reference[direction] = (fwd(backend="reference") if direction == "fwd"
+                                    else bwd(saved, backend="reference"))
+        return reference[direction]
+
+    def poisoned(bufs):
+        for a in bufs:
+            if a is not None:
+                a[...] = np.nan
+        return bufs
+
+    def fused(out_f=None, out_b=None, **k):
+        s = fwd(out=out_f, **k)
+        return bwd(s, out=out_b, **k)
+
+    tol = TOLERANCES[spec.dtype]
+    cases = {
+        "fwd": Case(spec, "fwd", fwd_bytes, first_call_s=t_fwd, runs={
+            "fastreg": lambda: fwd(out=fout),
+            "fastreg fresh": lambda: fwd(),
+            "numpy": lambda: fwd(backend="reference")},
+            verify=lambda: compare({"out=": fwd(out=poisoned(fout)), "fresh": fwd()}, ref("fwd"),
+                                   output_names(spec.op, "fwd"), *tol["out"])),
+        "bwd": Case(spec, "bwd", bwd_bytes, first_call_s=t_bwd, runs={
+            "fastreg": lambda: bwd(saved, out=bout),
+            "fastreg fresh": lambda: bwd(saved),
+            "numpy": lambda: bwd(saved, backend="reference")},
+            verify=lambda: compare({"out=": bwd(saved, out=poisoned(bout)),
+                                    "fresh": bwd(saved)}, ref("bwd"),
+                                   output_names(spec.op, "bwd"), *tol["grad"])),
+        # two calls, as a training step makes them; its bytes are the sum of both
+        "fwd+bwd": Case(spec, "fwd+bwd", fwd_bytes + bwd_bytes, runs={
+            "fastreg": lambda: fused(fout, bout),
+            "fastreg fresh": lambda: fused(),
+            "numpy": lambda: fused(backend="reference")}),
+    }
+    if torch is not None:
+        tf, tb, to_numpy = torch_calls(spec, d, torch)
+        cases["fwd"].runs["torch"] = tf
+        cases["bwd"].runs["torch"] = tb
+        cases["fwd+bwd"].runs["torch"] = lambda: (tf(), tb())
+        cases["fwd"].check_torch = lambda: compare({"torch": (to_numpy(tf()),)}, ref("fwd")[:1],
+                                                   ("y",), *TORCH_TOLERANCE)
+        cases["bwd"].check_torch = lambda: compare({"torch": (to_numpy(tb()),)}, ref("bwd")[:1],
+                                                   ("dx",), *TORCH_TOLERANCE)
+    return cases
+
+
+# =========================================================================== timing
+
+def time_peers(runs, repeat, *, budget_s=None, min_sample_s=2e-3, max_number=100):
+    """Median seconds per call of each peer.
+
+    One warm-up call per peer (and, if it was quick, a second call) sets how
+    many calls make one sample: enough for ``min_sample_s``, so
+    sub-millisecond calls are not timer noise; such short samples start
+    after one untimed call, so a peer's caches are its own, not what the
+    previous peer left. Then ``repeat`` rounds, each taking one sample of
+    every peer, in an order shuffled per round (seeded), so no peer always
+    follows the same one. With ``budget_s`` a peer stops
+    once it has 3 samples and has used that many seconds (the NumPy
+    reference takes seconds per call at full size).
+    Returns ``{peer: {"s": median, "samples": n, "number": calls per sample}}``.
+    """
+    def once(fn):
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+
+    number = {}
+    for peer, fn in runs.items():
+        t = once(fn)
+        if t < min_sample_s:
+            t = once(fn)
+        number[peer] = max(1, min(max_number, math.ceil(min_sample_s / max(t, 1e-9))))
+    order = np.random.default_rng(0)
+    samples = {peer: [] for peer in runs}
+    spent = dict.fromkeys(runs, 0.0)
+    gc.collect()
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        for _ in range(repeat):
+            for peer in order.permutation(list(runs)):
+                fn = runs[peer]
+                if budget_s is not None and len(samples[peer]) >= 3 and spent[peer] >= budget_s:
+                    continue
+                n = number[peer]
+                if n > 1:
+                    fn()
+                t0 = time.perf_counter()
+                for _ in range(n):
+                    fn()
+                t = time.perf_counter() - t0
+                spent[peer] += t
+                samples[peer].append(t / n)
+    finally:
+        if enabled:
+            gc.enable()
+    return {peer: {"s": float(np.median(s)), "samples": len(s), "number": number[peer]}
+            for peer, s in samples.items()}
+
+
+_COPY_KERNEL = None
+
+
+def copy_kernel():
+    """A Numba copy over all of Numba's threads (compiled on first use, not cached:
+    DESIGN.md caches no parallel kernel without a test)."""
+    global _COPY_KERNEL
+    if _COPY_KERNEL is None:
+        import numba
+
+        @numba.njit(parallel=True, nogil=True, cache=False)
+        def parallel_copy(src, dst):
+            for i in numba.prange(src.shape[0]):
+                dst[i] = src[i]
+        _COPY_KERNEL = parallel_copy
+    return _COPY_KERNEL
+
+
+def copy_bandwidth(array_bytes, repeat=10):
+    """GB/s of a copy into a reused buffer, bytes read + bytes written.
+
+    Two copies of an array of ``array_bytes`` (at least 32 MiB, so 64 MiB
+    move per copy): NumPy's ``np.copyto`` (one thread) and a Numba ``prange``
+    copy on Numba's threads (the ones fastreg's kernels use). The ceiling is
+    the faster of the two.
+    """
+    import numba
+
+    n = max(int(array_bytes), 32 << 20) // 4
+    src = np.ones(n, np.float32)
+    dst = np.zeros_like(src)                     # both touched: no page faults timed
+    kernel = copy_kernel()
+    kernel(src, dst)                             # compile
+    t = time_peers({"numpy": lambda: np.copyto(dst, src), "numba": lambda: kernel(src, dst)},
+                   repeat)
+    moved = 2 * src.nbytes
+    np_gbs, nb_gbs = moved / t["numpy"]["s"] / 1e9, moved / t["numba"]["s"] / 1e9
+    return {"bytes_moved": moved, "numpy_copyto_gbs": np_gbs, "numba_parallel_gbs": nb_gbs,
+            "numba_threads": numba.get_num_threads(), "ceiling_gbs": max(np_gbs, nb_gbs)}
+
+
+# =========================================================================== verification
+
+def compare(got, ref, names, rtol, atol):
+    """How far ``got`` ({variant: outputs}) is from ``ref`` (outputs), per element
+    ``|got - ref| / (atol + rtol * |ref|)`` (np.isclose's rule), worst over all.
+
+    NaN, a missing output or a wrong shape counts as infinitely wrong. Returns
+    ``{"ok", "max_abs_err", "err/tol", "worst", "rtol", "atol"}``; ``ok`` iff
+    ``err/tol <= 1``.
+    """
+    worst = {"max_abs_err": 0.0, "err/tol": 0.0, "worst": None}
+    for variant, outs in got.items():
+        for name, g, r in zip(names, outs, ref):
+            if g is None and r is None:
+                continue
+            if g is None or r is None or np.shape(g) != np.shape(r):
+                abs_err = ratio = math.inf
+            elif np.size(r) == 0:
+                continue
+            else:
+                r64 = np.asarray(r, np.float64)
+                diff = np.abs(np.asarray(g, np.float64) - r64)
+                diff[np.isnan(diff)] = np.inf
+                abs_err = float(diff.max())
+                ratio = float((diff / (atol + rtol * np.abs(r64))).max())
+            worst["max_abs_err"] = max(worst["max_abs_err"], abs_err)
+            if ratio > worst["err/tol"] or worst["worst"] is None:
+                worst["err/tol"], worst["worst"] = ratio, f"{name} ({variant})"
+    return {"ok": bool(worst["err/tol"] <= 1.0), **worst, "rtol": rtol, "atol": atol}
+
+
+# =========================================================================== measuring
+
+def measure(case, repeat, ceiling_gbs, budget_s=None):
+    """Time every peer of ``case``, verify it, and return its result row (a dict)."""
+    spec = case.spec
+    row = {"case": case.name, "op": spec.op, "direction": case.direction,
+           "shape": list(spec.shape), "layout": spec.layout, "dtype": spec.dtype,
+           "bytes": case.nbytes, "first_call_s": case.first_call_s}
+    times = time_peers(case.runs, repeat, budget_s=budget_s)
+    row["ms"] = {peer: t["s"] * 1e3 for peer, t in times.items()}
+    row["samples"] = {peer: t["samples"] for peer, t in times.items()}
+    for variant in ("fastreg", "fastreg fresh"):
+        ms = row["ms"][variant]
+        gbs = case.nbytes / ms / 1e6
+        row[variant] = {"ms": ms, "GB/s": gbs, "% copy": 100.0 * gbs / ceiling_gbs,
+                        "x numpy": row["ms"]["numpy"] / ms,
+                        "x torch": row["ms"]["torch"] / ms if "torch" in row["ms"] else None}
+    if case.verify is not None:
+        row["verify"] = case.verify()
+        row["ok"] = row["verify"]["ok"]
+    if case.check_torch is not None:
+        row["torch_check"] = case.check_torch()
+    return row
+
+
+def error_row(spec, direction, exc):
+    """The row of a case that raised: reported, and a failure."""
+    return {"case": spec.name(direction), "op": spec.op, "direction": direction,
+            "shape": list(spec.shape), "layout": spec.layout, "dtype": spec.dtype,
+            "error": f"{type(exc).__name__}: {exc}", "ok": False}
+
+
+def run_spec(spec, torch, repeat, ceiling_gbs, budget_s=None, log=None):
+    """Build, time and verify the three cases of one spec; the arrays die with it."""
+    try:
+        cases = build(spec, torch)
+    except Exception as exc:   # a broken kernel is a failed row, not a dead run
+        return [error_row(spec, d, exc) for d in DIRECTIONS]
+    rows = []
+    for direction, case in cases.items():
+        try:
+            rows.append(measure(case, repeat, ceiling_gbs, budget_s))
+        except Exception as exc:
+            rows.append(error_row(spec, direction, exc))
+        if log:
+            r = rows[-1]
+            log(f"  {r['case']}: " + (f"{r['ms']['fastreg']:.3f} ms" if "ms" in r
+                                      else r["error"]))
+    return rows
+
+
+# =========================================================================== reporting
+
+def _f(v, fmt):
+    return "-" if v is None else fmt.format(v)
+
+
+HEAD = ["case", "layout", "MB", "variant", "ms", "GB/s", "% copy", "x numpy", "x torch",
+        "torch ms", "numpy ms", "1st call s", "max abs err", "err/tol", "ok"]
+
+
+def table_cells(rows):
+    """Two lines per case: fastreg with ``out=``, then with fresh outputs."""
+    lines = []
+    for r in rows:
+        if "error" in r:
+            lines.append([r["case"], r["layout"], *["-"] * (len(HEAD) - 3), "ERROR"])
             continue
-        g64, r64 = np.asarray(g, np.float64), np.asarray(r, np.float64)
-        err = np.abs(g64 - r64) / np.maximum(1.0, np.abs(r64))
-        if err.size:
-            worst = max(worst, float(np.nan_to_num(err, nan=np.inf).max()))
-    return worst
+        ms = r["ms"]
+        for i, variant in enumerate(("fastreg", "fastreg fresh")):
+            v = r[variant]
+            cells = [r["case"] if i == 0 else "", r["layout"] if i == 0 else "",
+                     f"{r['bytes'] / 1e6:.1f}" if i == 0 else "", "out=" if i == 0 else "fresh",
+                     _f(v["ms"], "{:.3f}"), _f(v["GB/s"], "{:.1f}"), _f(v["% copy"], "{:.0f}"),
+                     _f(v["x numpy"], "{:.1f}"), _f(v["x torch"], "{:.2f}")]
+            if i == 0:
+                verify = r.get("verify")
+                cells += [_f(ms.get("torch"), "{:.3f}"), _f(ms["numpy"], "{:.2f}"),
+                          _f(r["first_call_s"], "{:.2f}"),
+                          _f(verify and verify["max_abs_err"], "{:.1e}"),
+                          _f(verify and verify["err/tol"], "{:.2g}"),
+                          "-" if verify is None else ("ok" if verify["ok"] else "FAIL")]
+            else:
+                cells += [""] * 6
+            lines.append(cells)
+    return lines
 
 
-def _torch():
+def format_text(rows):
+    body = table_cells(rows)
+    widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h)
+              for i, h in enumerate(HEAD)]
+
+    def line(cells):
+        return "  ".join(c.ljust(w) if i < 2 else c.rjust(w)
+                         for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+    return "\n".join([line(HEAD), line(["-" * w for w in widths]), *map(line, body)])
+
+
+def format_markdown(rows, preamble):
+    head = "| " + " | ".join(HEAD) + " |"
+    sep = "|" + "|".join("---" if i < 4 else "---:" for i in range(len(HEAD))) + "|"
+    body = ["| " + " | ".join(c.replace("|", " ") for c in cells) + " |"
+            for cells in table_cells(rows)]
+    return "\n".join([*preamble, "", head, sep, *body]) + "\n"
+
+
+def summary_lines(rows, first_call):
+    """The notes under the table: cold first calls, fwd+bwd vs target, problems."""
+    out = ["cold first call per op (fwd + bwd, every layout; Numba compilation or cache "
+           "load): " + ", ".join(f"{op} {s:.2f} s" for op, s in first_call.items())]
+    fused = [r for r in rows if r["direction"] == "fwd+bwd" and "ms" in r]
+    if fused:
+        out.append(f"fwd+bwd, fastreg out= vs NumPy reference (target >= {FUSED_TARGET:g}x): "
+                   + ", ".join(f"{r['op']} {'x'.join(map(str, r['shape']))} {r['layout']} "
+                               f"{r['fastreg']['x numpy']:.1f}x"
+                               + ("" if r["fastreg"]["x numpy"] >= FUSED_TARGET else " (below)")
+                               for r in fused))
+    for r in rows:
+        tc = r.get("torch_check")
+        if tc and not tc["ok"]:
+            out.append(f"warning: the torch peer of {r['case']} disagrees with the reference "
+                       f"(err/tol {tc['err/tol']:.2g}): its timing compares unlike work")
+    return out
+
+
+def first_call_per_op(rows):
+    first = {}
+    for r in rows:
+        if r.get("first_call_s") is not None:
+            first[r["op"]] = first.get(r["op"], 0.0) + r["first_call_s"]
+    return first
+
+
+def failures(rows):
+    return [r["case"] for r in rows if r.get("ok") is False]
+
+
+# =========================================================================== environment
+
+def import_torch():
+    """torch with THP_MEM_ALLOC_ENABLE=1 (unless set), or None when not installed."""
+    preloaded = "torch" in sys.modules
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     try:
         import torch
     except ImportError:
         return None
+    if preloaded:
+        print("warning: torch was imported before fastreg bench could set "
+              "THP_MEM_ALLOC_ENABLE; its allocator uses what it saw then", file=sys.stderr)
     return torch
 
 
-def _layer_like(op, shape, dtype, rng, torch):
-    """layer_norm / rms_norm cases on (M, D)."""
-    M, D = shape
-    x = rng.standard_normal(shape).astype(dtype)
-    dy = rng.standard_normal(shape).astype(dtype)
-    w = rng.standard_normal(D).astype(dtype)
-    b = rng.standard_normal(D).astype(dtype) if op == "layer_norm" else None
-    fwd = getattr(fastreg, op)
-    bwd = getattr(fastreg, op + "_backward")
-    fargs = (x, w, b) if op == "layer_norm" else (x, w)
-    saved = fwd(*fargs)
-    stats = saved[1:]
-    bargs = (dy, x, *stats, w, b) if op == "layer_norm" else (dy, x, *stats, w)
-    fout = tuple(np.empty_like(s) for s in saved)
-    bref = bwd(*bargs, backend="reference")
-    bout = tuple(None if r is None else np.empty_like(r) for r in bref)
-    cases = [Case(op, "fwd", shape, "rows", np.dtype(dtype).name,
-                  _nbytes(x, w, b, *saved)),
-             Case(op, "bwd", shape, "rows", np.dtype(dtype).name,
-                  _nbytes(dy, x, *stats, w, *bref))]
-    cf, cb = cases
-    cf.runs = {"fastreg": lambda: fwd(*fargs, out=fout), "fastreg fresh": lambda: fwd(*fargs),
-               "numpy": lambda: fwd(*fargs, backend="reference")}
-    cf.verify = lambda: _max_error(fwd(*fargs), fwd(*fargs, backend="reference"))
-    cb.runs = {"fastreg": lambda: bwd(*bargs, out=bout), "fastreg fresh": lambda: bwd(*bargs),
-               "numpy": lambda: bwd(*bargs, backend="reference")}
-    cb.verify = lambda: _max_error(bwd(*bargs), bref)
-    if torch is not None:
-        F = torch.nn.functional
-        xt, dyt, wt = torch.from_numpy(x), torch.from_numpy(dy), torch.from_numpy(w)
-        if op == "layer_norm":
-            bt = torch.from_numpy(b)
-            _, mt, rt = torch.ops.aten.native_layer_norm(xt, [D], wt, bt, 1e-5)
-            cf.runs["torch"] = lambda: F.layer_norm(xt, (D,), wt, bt, 1e-5)
-            # the ATen backward kernel alone, as autograd would call it
-            cb.runs["torch"] = lambda: torch.ops.aten.native_layer_norm_backward(
-                dyt, xt, [D], mt, rt, wt, bt, [True, True, True])
-        else:
-            cf.runs["torch"] = lambda: F.rms_norm(xt, (D,), wt, 1e-6)
-            xg, wg = xt.clone().requires_grad_(), wt.clone().requires_grad_()
-            yg = F.rms_norm(xg, (D,), wg, 1e-6)
-            # no ATen backward op for RMS norm on the CPU: autograd through the graph
-            cb.runs["torch"] = lambda: torch.autograd.grad(yg, (xg, wg), dyt, retain_graph=True)
-    return cases
-
-
-def _channels_x(shape, layout, dtype, rng):
-    """x in its storage layout; shape is always given as (N, C, ...)/(N, C)."""
-    x = rng.standard_normal(shape).astype(dtype)
-    if layout == "NHWC":
-        return np.ascontiguousarray(np.moveaxis(x, 1, -1)), -1
-    return x, 1
-
-
-def _torch_view(torch, a, layout):
-    """A torch tensor in (N, C, ...) order sharing a's memory (channels_last for NHWC)."""
-    t = torch.from_numpy(a)
-    return t.permute(0, t.ndim - 1, *range(1, t.ndim - 1)) if layout == "NHWC" else t
-
-
-def _channel_cases(op, shape, layout, dtype, rng, torch, groups=None):
-    x, axis = _channels_x(shape, layout, dtype, rng)
-    dy = rng.standard_normal(x.shape).astype(dtype)
-    C = shape[1]
-    w, b = rng.standard_normal(C).astype(dtype), rng.standard_normal(C).astype(dtype)
-    rm, rv = np.zeros(C, np.float32), np.ones(C, np.float32)
-    if op == "batch_norm":
-        fwd = lambda **k: fastreg.batch_norm(x, w, b, rm, rv, axis=axis, **k)  # noqa: E731
-        saved = fwd()
-        bwd = lambda **k: fastreg.batch_norm_backward(dy, x, saved[1], saved[2], w, b,  # noqa: E731
-                                                      axis=axis, **k)
-    elif op == "group_norm":
-        fwd = lambda **k: fastreg.group_norm(x, groups, w, b, axis=axis, **k)  # noqa: E731
-        saved = fwd()
-        bwd = lambda **k: fastreg.group_norm_backward(dy, x, saved[1], saved[2], groups, w, b,  # noqa: E731
-                                                      axis=axis, **k)
-    else:
-        fwd = lambda **k: fastreg.instance_norm(x, w, b, axis=axis, **k)  # noqa: E731
-        saved = fwd()
-        bwd = lambda **k: fastreg.instance_norm_backward(dy, x, saved[1], saved[2], w, b,  # noqa: E731
-                                                         axis=axis, **k)
-    fout = tuple(np.empty_like(s) for s in saved)
-    bref = bwd(backend="reference")
-    bout = tuple(np.empty_like(r) for r in bref)
-    dt = np.dtype(dtype).name
-    cf = Case(op, "fwd", shape, layout, dt, _nbytes(x, w, b, *saved))
-    cb = Case(op, "bwd", shape, layout, dt, _nbytes(dy, x, saved[1], saved[2], w, *bref))
-    cf.runs = {"fastreg": lambda: fwd(out=fout), "fastreg fresh": lambda: fwd(),
-               "numpy": lambda: fwd(backend="reference")}
-    cf.verify = lambda: _max_error(fwd(), fwd(backend="reference"))
-    cb.runs = {"fastreg": lambda: bwd(out=bout), "fastreg fresh": lambda: bwd(),
-               "numpy": lambda: bwd(backend="reference")}
-    cb.verify = lambda: _max_error(bwd(), bref)
-    if torch is not None:
-        F, aten = torch.nn.functional, torch.ops.aten
-        xt, dyt = _torch_view(torch, x, layout), _torch_view(torch, dy, layout)
-        wt, bt = torch.from_numpy(w), torch.from_numpy(b)
-        rmt, rvt = torch.from_numpy(rm.copy()), torch.from_numpy(rv.copy())
-        N, HW = shape[0], int(np.prod(shape[2:]))
-        if op == "batch_norm":
-            cf.runs["torch"] = lambda: F.batch_norm(xt, rmt, rvt, wt, bt, True, 0.1, 1e-5)
-            _, sm, si = aten.native_batch_norm(xt, wt, bt, rmt, rvt, True, 0.1, 1e-5)
-            cb.runs["torch"] = lambda: aten.native_batch_norm_backward(
-                dyt, xt, wt, rmt, rvt, sm, si, True, 1e-5, [True, True, True])
-        elif op == "group_norm":
-            cf.runs["torch"] = lambda: F.group_norm(xt, groups, wt, bt, 1e-5)
-            _, gm, gr = aten.native_group_norm(xt, wt, bt, N, C, HW, groups, 1e-5)
-            cb.runs["torch"] = lambda: aten.native_group_norm_backward(
-                dyt, xt, gm, gr, wt, N, C, HW, groups, [True, True, True])
-        else:
-            cf.runs["torch"] = lambda: F.instance_norm(xt, None, None, wt, bt, True, 0.1, 1e-5)
-            xg = xt.detach().clone(memory_format=torch.preserve_format).requires_grad_()
-            wg, bg = wt.clone().requires_grad_(), bt.clone().requires_grad_()
-            yg = F.instance_norm(xg, None, None, wg, bg, True, 0.1, 1e-5)
-            # instance norm has no ATen backward of its own: autograd through its graph
-            cb.runs["torch"] = lambda: torch.autograd.grad(yg, (xg, wg, bg), dyt,
-                                                           retain_graph=True)
-    return [cf, cb]
-
-
-def _fused(cases):
-    """fwd+bwd of one op: fastreg (out=) against the NumPy reference."""
-    cf, cb = cases
-    c = Case(cf.op, "fwd+bwd", cf.shape, cf.layout, cf.dtype, cf.nbytes + cb.nbytes)
-    c.runs = {"fastreg": lambda: (cf.runs["fastreg"](), cb.runs["fastreg"]()),
-              "numpy": lambda: (cf.runs["numpy"](), cb.runs["numpy"]())}
-    return c
-
-
-STANDARD = [
-    ("layer_norm", (8192, 1024), "rows", None), ("layer_norm", (4096, 4096), "rows", None),
-    ("rms_norm", (8192, 1024), "rows", None), ("rms_norm", (4096, 4096), "rows", None),
-    ("batch_norm", (64, 64, 56, 56), "NCHW", None), ("batch_norm", (64, 64, 56, 56), "NHWC", None),
-    ("batch_norm", (16384, 1024), "2-D", None),
-    ("group_norm", (32, 128, 56, 56), "NCHW", 32), ("group_norm", (32, 128, 56, 56), "NHWC", 32),
-    ("group_norm", (32, 256, 28, 28), "NCHW", 32), ("group_norm", (32, 256, 28, 28), "NHWC", 32),
-    ("instance_norm", (32, 128, 56, 56), "NCHW", None),
-]
-
-
-def _quick_shape(shape):
-    """About 1/16 of the data: divide the leading (batch) dimension."""
-    return (max(2, shape[0] // 16), *shape[1:])
-
-
-def build_cases(pattern="*", quick=False, seed=0):
-    torch = _torch()
-    rng = np.random.default_rng(seed)
-    cases = []
-    for op, shape, layout, groups in STANDARD:
-        if not fnmatch.fnmatch(op, pattern):
-            continue
-        shape = _quick_shape(shape) if quick else shape
-        if layout == "rows":
-            pair = _layer_like(op, shape, np.float32, rng, torch)
-        else:
-            pair = _channel_cases(op, shape, layout, np.float32, rng, torch, groups)
-        cases += [*pair, _fused(pair)]
-    return cases
-
-
-# --------------------------------------------------------------------------- measuring
-
-def median_time(fn, repeat, warmup=1):
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
-
-
-def copy_bandwidth(nbytes=256 << 20, repeat=10):
-    """GB/s of the best copy into a reused buffer (bytes read + bytes written):
-    NumPy's single-threaded copy and a Numba copy over all threads."""
-    import numba
-
-    @numba.njit(parallel=True, cache=False)
-    def parallel_copy(src, dst):
-        for i in numba.prange(src.shape[0]):
-            dst[i] = src[i]
-
-    n = nbytes // 2 // 4
-    src = np.ones(n, np.float32)
-    dst = np.empty_like(src)
-    t_np = median_time(lambda: np.copyto(dst, src), repeat)
-    t_nb = median_time(lambda: parallel_copy(src, dst), repeat, warmup=2)
-    moved = 2 * src.nbytes
-    return {"numpy_copyto_gbs": moved / t_np / 1e9, "numba_parallel_gbs": moved / t_nb / 1e9,
-            "ceiling_gbs": max(moved / t_np, moved / t_nb) / 1e9, "bytes": moved}
-
-
-def measure(case, repeat, ceiling):
-    row = {"case": case.name, "op": case.op, "direction": case.direction,
-           "shape": list(case.shape), "layout": case.layout, "dtype": case.dtype,
-           "bytes": case.nbytes}
-    for peer, fn in case.runs.items():
-        row[f"{peer} ms"] = median_time(fn, repeat) * 1e3
-    ms = row["fastreg ms"]
-    row["GB/s"] = case.nbytes / ms / 1e6
-    row["% copy"] = 100.0 * row["GB/s"] / ceiling
-    row["x numpy"] = row["numpy ms"] / ms
-    if "torch ms" in row:
-        row["x torch"] = row["torch ms"] / ms
-        row["x torch fresh"] = row["torch ms"] / row["fastreg fresh ms"]
-    if case.verify is not None:
-        row["max error"] = case.verify()
-        row["ok"] = bool(row["max error"] <= (1e-4 if case.dtype == "float32" else 1e-10))
-    return row
-
-
-# --------------------------------------------------------------------------- reporting
-
-COLUMNS = [("case", "{}"), ("fastreg ms", "{:.2f}"), ("GB/s", "{:.1f}"), ("% copy", "{:.0f}"),
-           ("fastreg fresh ms", "{:.2f}"), ("torch ms", "{:.2f}"), ("x torch", "{:.2f}"),
-           ("x torch fresh", "{:.2f}"), ("numpy ms", "{:.1f}"), ("x numpy", "{:.1f}"),
-           ("max error", "{:.1e}"), ("ok", "{}")]
-
-
-def _cells(row):
-    return [fmt.format(row[k]) if row.get(k) is not None else "-" for k, fmt in COLUMNS]
-
-
-def format_table(rows):
-    head = [k for k, _ in COLUMNS]
-    body = [_cells(r) for r in rows]
-    widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(head)]
-    line = lambda cells: "  ".join(c.rjust(w) if i else c.ljust(w)  # noqa: E731
-                                   for i, (c, w) in enumerate(zip(cells, widths)))
-    return "\n".join([line(head), line(["-" * w for w in widths]), *map(line, body)])
-
-
-def format_markdown(rows, machine):
-    head = [k for k, _ in COLUMNS]
-    out = [machine, "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    out += ["| " + " | ".join(c.replace("|", " ") for c in _cells(r)) + " |" for r in rows]
-    return "\n".join(out) + "\n"
-
-
-def machine_info(torch_mod):
-    import numba
-    info = {"python": platform.python_version(), "numpy": np.__version__,
-            "numba": numba.__version__, "numba_threads": numba.config.NUMBA_NUM_THREADS,
-            "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-            "torch": None if torch_mod is None else torch_mod.__version__,
-            "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE")}
-    if torch_mod is not None:
-        info["torch_threads"] = torch_mod.get_num_threads()
+def _cpu_model():
     try:
-        info["threading_layer"] = numba.threading_layer()
-    except ValueError:
-        info["threading_layer"] = "not initialized"
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def numba_cache_dir():
+    """Where Numba keeps fastreg's compiled kernels, or None when caching is off."""
+    import numba
+
+    from fastreg.cpu import _common
+    if not _common.CACHE:
+        return None
+    try:
+        from fastreg.cpu import norm
+        return str(norm._layer_norm_fwd_rows._cache._cache_path)   # what Numba resolved
+    except Exception:                                              # private API moved
+        return numba.config.CACHE_DIR or "__pycache__ beside fastreg/cpu (or user-wide)"
+
+
+def machine_info(torch=None):
+    """Versions, threads, Numba's threading layer and cache, THP setting."""
+    import numba
+
+    from fastreg.cpu import _common
+    tiny = np.zeros(8, np.float32)
+    copy_kernel()(tiny, tiny.copy())        # starts Numba's thread pool: the layer is known
+    info = {"fastreg": fastreg.__version__, "python": platform.python_version(),
+            "numpy": np.__version__, "numba": numba.__version__,
+            "torch": None if torch is None else torch.__version__,
+            "numba_threads": numba.get_num_threads(),
+            "numba_threading_layer": numba.threading_layer(),
+            "numba_cache": _common.CACHE,
+            "numba_cache_dir": numba_cache_dir(),
+            "torch_threads": None if torch is None else torch.get_num_threads(),
+            "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE"),
+            "cpu": _cpu_model(), "cores": os.cpu_count(), "platform": platform.platform()}
     return info
 
 
-# --------------------------------------------------------------------------- command
+def describe(info):
+    cache = (f"on, {info['numba_cache_dir']}" if info["numba_cache"]
+             else "off (FASTREG_NUMBA_CACHE=0)")
+    torch = ("not installed" if info["torch"] is None else
+             f"{info['torch']} ({info['torch_threads']} threads, "
+             f"THP_MEM_ALLOC_ENABLE={info['THP_MEM_ALLOC_ENABLE']})")
+    return [f"fastreg {info['fastreg']} | python {info['python']} | numpy {info['numpy']}",
+            f"numba {info['numba']} ({info['numba_threading_layer']} threading layer, "
+            f"{info['numba_threads']} threads) | cache {cache}",
+            f"torch {torch}",
+            f"cpu {info['cpu']} ({info['cores']} logical cores) | {info['platform']}"]
 
-def first_call_times(pattern):
-    """Seconds of each op's first forward+backward calls in this process (both
-    layouts): compile time on a cold Numba cache, cache loading on a warm one."""
-    rng = np.random.default_rng(1)
-    nchw = rng.standard_normal((64, 8, 6, 6)).astype(np.float32)
-    layouts = [(nchw, 1), (np.ascontiguousarray(np.moveaxis(nchw, 1, -1)), -1)]
-    w = np.ones(8, np.float32)
 
-    def rows(op):
-        fwd, bwd = getattr(fastreg, op), getattr(fastreg, op + "_backward")
-        x = nchw.reshape(64, -1)
-        bwd(x, x, *fwd(x, w.repeat(36))[1:], w.repeat(36))
+# =========================================================================== commands
 
-    def channels(op, *groups):
-        fwd, bwd = getattr(fastreg, op), getattr(fastreg, op + "_backward")
-        for x, axis in layouts:
-            _, mean, rstd = fwd(x, *groups, w, w, axis=axis)
-            bwd(x, x, mean, rstd, *groups, w, w, axis=axis)
-
-    calls = {"layer_norm": lambda: rows("layer_norm"), "rms_norm": lambda: rows("rms_norm"),
-             "batch_norm": lambda: channels("batch_norm"),
-             "group_norm": lambda: channels("group_norm", 2),
-             "instance_norm": lambda: channels("instance_norm")}
-    times = {}
-    for op, fn in calls.items():
-        if fnmatch.fnmatch(op, pattern):
-            t0 = time.perf_counter()
-            fn()
-            times[op] = time.perf_counter() - t0
-    return times
+def add_arguments(p):
+    p.add_argument("--ops", default="*", metavar="PATTERN",
+                   help="comma-separated globs over op names ("
+                        + ", ".join(OPS) + "), e.g. 'layer_norm,rms_*' (default: all)")
+    p.add_argument("--quick", action="store_true",
+                   help="1/16 of the batch, 3 repeats: the whole run in well under a minute")
+    p.add_argument("--repeat", type=int, default=None, metavar="N",
+                   help="timed samples per peer (default 15 within 5 s per peer; --quick 3)")
+    p.add_argument("--out", default="bench-results", metavar="DIR",
+                   help="folder for results.json and cpu-norm.md (default: bench-results)")
+    return p
 
 
 def bench(argv=None):
-    p = argparse.ArgumentParser(prog="python -m fastreg bench", description=__doc__.split("\n")[0])
-    p.add_argument("--ops", default="*", help="glob over op names, e.g. 'layer_*'")
-    p.add_argument("--quick", action="store_true", help="small shapes, few repeats (< 1 min)")
-    p.add_argument("--repeat", type=int, default=None, help="timed repeats per peer")
-    p.add_argument("--out", default="bench-results", help="folder for results.json, cpu-norm.md")
-    args = p.parse_args(argv)
+    """``python -m fastreg bench``; returns the exit status (1 if a check failed)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m fastreg bench",
+        description="Time every norm op against the copy ceiling, NumPy and PyTorch; verify "
+                    "fastreg against the NumPy reference (exit 1 if a check fails).")
+    args = add_arguments(parser).parse_args(argv)
+    specs = select_specs(args.ops, args.quick)
+    if not specs:
+        print(f"fastreg bench: no op matches {args.ops!r}; ops are {', '.join(OPS)}",
+              file=sys.stderr)
+        return 2
+    if args.repeat is not None and args.repeat < 1:
+        print("fastreg bench: --repeat must be >= 1", file=sys.stderr)
+        return 2
     repeat = args.repeat or (3 if args.quick else 15)
+    budget = None if args.repeat else (0.5 if args.quick else 5.0)
 
-    torch_mod = _torch()
-    import numba  # noqa: F401  (after THP is set: numba does not care, torch does)
-    first = first_call_times(args.ops)
-    bw = copy_bandwidth(32 << 20 if args.quick else 256 << 20, repeat=5 if args.quick else 10)
-    info = machine_info(torch_mod)
-    print(f"fastreg {fastreg.__version__} | numpy {info['numpy']} | numba {info['numba']} "
-          f"({info['threading_layer']}, {info['numba_threads']} threads) | torch {info['torch']} "
-          f"(THP_MEM_ALLOC_ENABLE={info['THP_MEM_ALLOC_ENABLE']})")
-    print(f"copy ceiling {bw['ceiling_gbs']:.1f} GB/s (np.copyto {bw['numpy_copyto_gbs']:.1f}, "
-          f"Numba parallel copy {bw['numba_parallel_gbs']:.1f}; bytes read + written)")
-    print("first call per op (compile or cache load): "
-          + ", ".join(f"{k} {v:.2f} s" for k, v in first.items()))
+    torch = import_torch()
+    info = machine_info(torch)
+    bw = copy_bandwidth(max(s.x_bytes for s in specs), repeat=5 if args.quick else 10)
+    ceiling = bw["ceiling_gbs"]
+    head = describe(info) + [
+        f"copy ceiling {ceiling:.1f} GB/s (bytes read + written, {bw['bytes_moved'] / 1e6:.0f} MB"
+        f" per copy into a reused buffer): np.copyto {bw['numpy_copyto_gbs']:.1f}, Numba prange "
+        f"on {bw['numba_threads']} threads {bw['numba_parallel_gbs']:.1f}"]
+    if torch is not None:
+        head.append("torch peer: its own fresh outputs; THP_MEM_ALLOC_ENABLE="
+                    f"{info['THP_MEM_ALLOC_ENABLE']} set before importing torch (without it "
+                    "its allocator spends much of a call on 4 KiB page faults)")
+    head.append(f"medians of {repeat} samples per peer, round robin, after a warm-up call"
+                + ("" if budget is None else f" (a peer stops after {budget:g} s)")
+                + ("; --quick shapes (cache-sized: a check of the machinery, not of the"
+                   " memory-bound speed)" if args.quick else "; standard shapes"))
+    print("\n".join(head), flush=True)
+
     rows = []
-    for case in build_cases(args.ops, args.quick):
-        rows.append(measure(case, repeat, bw["ceiling_gbs"]))
-        print(f"  {case.name}: {rows[-1]['fastreg ms']:.2f} ms", file=sys.stderr)
-    print(format_table(rows))
+    log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
+    for spec in specs:
+        rows += run_spec(spec, torch, repeat, ceiling, budget, log)
+
+    first = first_call_per_op(rows)
+    notes = summary_lines(rows, first)
+    print()
+    print(format_text(rows))
+    print("\n".join(notes))
+
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     result = {"machine": info, "copy": bw, "first_call_s": first, "repeat": repeat,
-              "quick": args.quick, "rows": rows}
-    (out / "results.json").write_text(json.dumps(result, indent=1))
-    machine = (f"{info['cores']} cores, numba {info['numba']} ({info['threading_layer']}, "
-               f"{info['numba_threads']} threads), torch {info['torch']} with "
-               f"THP_MEM_ALLOC_ENABLE={info['THP_MEM_ALLOC_ENABLE']}; copy ceiling "
-               f"{bw['ceiling_gbs']:.1f} GB/s; medians of {repeat} runs; float32.")
-    (out / "cpu-norm.md").write_text(format_markdown(rows, machine))
-    failed = [r["case"] for r in rows if r.get("ok") is False]
+              "budget_s": budget, "quick": args.quick, "ops": args.ops,
+              "tolerances": TOLERANCES, "fused_target": FUSED_TARGET, "rows": rows}
+    (out / "results.json").write_text(json.dumps(_jsonable(result), indent=1, allow_nan=False))
+    (out / "cpu-norm.md").write_text(format_markdown(rows, [f"    {h}" for h in head]
+                                                     + [""] + [f"- {n}" for n in notes]))
+    failed = failures(rows)
     if failed:
         print(f"VERIFICATION FAILED: {', '.join(failed)}", file=sys.stderr)
+        for r in rows:
+            if r.get("ok") is False:
+                why = r.get("error") or (f"err/tol {r['verify']['err/tol']:.3g} at "
+                                         f"{r['verify']['worst']}, max abs error "
+                                         f"{r['verify']['max_abs_err']:.3g}")
+                print(f"  {r['case']}: {why}", file=sys.stderr)
         return 1
-    print(f"all {sum('ok' in r for r in rows)} verified cases match the reference; "
+    print(f"all {sum('verify' in r for r in rows)} verified cases match the reference; "
           f"results in {out}/")
+    return 0
+
+
+def _jsonable(v):
+    """Plain JSON: NumPy scalars as Python numbers, inf/NaN (a failed check) as strings."""
+    if isinstance(v, dict):
+        return {k: _jsonable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, (np.floating, np.integer, np.bool_)):
+        v = v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    return v
+
+
+main = bench
+
+
+def info(argv=None):
+    """``python -m fastreg info``: versions, threads, Numba's threading layer and cache."""
+    argparse.ArgumentParser(prog="python -m fastreg info",
+                            description="Show versions, threads and caches.").parse_args(argv)
+    torch = import_torch()
+    print("\n".join(describe(machine_info(torch))))
+    print("backends: cpu (Numba), reference (NumPy); cuda: not available yet")
     return 0

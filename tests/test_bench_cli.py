@@ -1,4 +1,4 @@
-"""The bench command end to end (quick mode), and its verdict on a broken kernel."""
+"""``python -m fastreg bench`` end to end (quick mode), and its verdict on broken kernels."""
 
 import json
 import os
@@ -6,28 +6,36 @@ import pathlib
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+
+from fastreg import _bench
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
+# A runner that breaks the CPU layer norm forward, then runs the bench's main.
 BROKEN = """
 import sys
+import numpy as np
 import fastreg.cpu.norm as cpu
 original = cpu.layer_norm
-def broken(x, weight, bias, eps, normalized_ndim, out):
+def offset(x, weight, bias, eps, normalized_ndim, out):
     original(x, weight, bias, eps, normalized_ndim, out)
-    out[0][...] += 1e-2          # a wrong answer the bench must notice
-cpu.layer_norm = broken
+    out[0][...] += 1e-2                      # wrong values
+def ignores_out(x, weight, bias, eps, normalized_ndim, out):
+    original(x, weight, bias, eps, normalized_ndim, [np.empty_like(o) for o in out])
+cpu.layer_norm = {"offset": offset, "ignores_out": ignores_out}[sys.argv[1]]
 from fastreg._bench import bench
-sys.exit(bench(sys.argv[1:]))
+sys.exit(bench(sys.argv[2:]))
 """
 
 
-def _run(args, tmp_path):
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+def _run(args, out_dir):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p))
     return subprocess.run([sys.executable, *args, "--quick", "--repeat", "1", "--ops",
-                           "layer_norm", "--out", str(tmp_path)], env=env, capture_output=True,
-                          text=True, timeout=600)
+                           "layer_norm", "--out", str(out_dir)], env=env, capture_output=True,
+                          text=True, timeout=600, cwd=ROOT)
 
 
 @pytest.mark.slow
@@ -35,21 +43,71 @@ def test_bench_quick_runs_and_writes_results(tmp_path):
     proc = _run(["-m", "fastreg", "bench"], tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     result = json.loads((tmp_path / "results.json").read_text())
-    assert {"machine", "copy", "first_call_s", "rows"} <= result.keys()
-    assert result["copy"]["ceiling_gbs"] > 0
+    assert {"machine", "copy", "first_call_s", "repeat", "quick", "rows"} <= result.keys()
+    assert result["quick"] is True and result["repeat"] == 1
+    assert result["copy"]["ceiling_gbs"] > 0 and result["copy"]["bytes_moved"] >= 64 << 20
+    assert result["machine"]["numba_threads"] >= 1
+    assert set(result["first_call_s"]) == {"layer_norm"}
     rows = result["rows"]
-    assert {r["direction"] for r in rows} == {"fwd", "bwd", "fwd+bwd"}
-    verified = [r for r in rows if "ok" in r]
-    assert verified and all(r["ok"] for r in verified)
+    assert [r["direction"] for r in rows] == ["fwd", "bwd", "fwd+bwd"] * 2
+    assert {r["op"] for r in rows} == {"layer_norm"}
     for r in rows:
-        assert r["fastreg ms"] > 0 and r["GB/s"] > 0 and r["bytes"] > 0
-    assert "layer_norm_fwd" in (tmp_path / "cpu-norm.md").read_text()
+        assert r["bytes"] > 0
+        assert {"fastreg", "fastreg fresh", "numpy"} <= r["ms"].keys()
+        for variant in ("fastreg", "fastreg fresh"):
+            v = r[variant]
+            assert v["ms"] > 0 and v["GB/s"] > 0 and v["% copy"] > 0 and v["x numpy"] > 0
+    verified = [r for r in rows if "verify" in r]
+    assert len(verified) == 4                 # fwd and bwd of both shapes
+    assert all(r["ok"] and r["verify"]["err/tol"] <= 1 for r in verified)
+    assert "layer_norm_fwd|512x1024|float32" in proc.stdout       # the printed table
+    assert "copy ceiling" in proc.stdout and "THP_MEM_ALLOC_ENABLE=" in proc.stdout
+    md = (tmp_path / "cpu-norm.md").read_text()
+    assert "| case |" in md and "layer_norm_bwd 256x4096 float32" in md
 
 
 @pytest.mark.slow
-def test_bench_reports_a_broken_kernel_and_fails(tmp_path):
-    proc = _run(["-c", BROKEN], tmp_path)
+@pytest.mark.parametrize("breakage", ["offset", "ignores_out"])
+def test_bench_reports_a_broken_kernel_and_fails(tmp_path, breakage):
+    proc = _run(["-c", BROKEN, breakage], tmp_path)
     assert proc.returncode == 1, proc.stdout + proc.stderr
-    assert "VERIFICATION FAILED: layer_norm_fwd" in proc.stderr
+    assert "VERIFICATION FAILED: layer_norm_fwd|" in proc.stderr
     rows = json.loads((tmp_path / "results.json").read_text())["rows"]
-    assert any(r.get("ok") is False for r in rows)
+    failed = {r["case"] for r in rows if r.get("ok") is False}
+    forward = {"layer_norm_fwd|512x1024|float32", "layer_norm_fwd|256x4096|float32"}
+    if breakage == "offset":
+        # only the forward is wrong: the backward (its own kernel, correct statistics) passes
+        assert failed == forward
+    else:
+        # the statistics the backward is timed with are garbage too: it may fail as well
+        assert forward <= failed
+    assert "FAIL" in proc.stdout
+
+
+def test_compare_scales_by_tolerance_and_flags_nan_and_shape():
+    ref = (np.array([1.0, -2.0, 100.0]),)
+    ok = _bench.compare({"out=": (ref[0] + 1e-6,)}, ref, ("y",), 1e-5, 1e-5)
+    assert ok["ok"] and 0 < ok["err/tol"] < 1 and ok["max_abs_err"] == pytest.approx(1e-6)
+    bad = _bench.compare({"out=": (ref[0] + [0, 0, 1e-2],)}, ref, ("y",), 1e-5, 1e-5)
+    assert not bad["ok"] and bad["worst"] == "y (out=)"
+    nan = _bench.compare({"fresh": (np.array([1.0, np.nan, 100.0]),)}, ref, ("y",), 1, 1)
+    assert not nan["ok"] and nan["err/tol"] == np.inf
+    shape = _bench.compare({"fresh": (ref[0][:2],)}, ref, ("y",), 1, 1)
+    assert not shape["ok"]
+
+
+def test_case_table_counts_minimal_bytes():
+    spec = _bench.Spec("batch_norm", (4, 5, 6, 3), "NHWC")
+    assert spec.axis == -1 and spec.params == 3
+    cases = _bench.build(spec)
+    x = 4 * 5 * 6 * 3 * 4
+    # fwd: read x, w, b, running mean/var; write y, mean, rstd, running mean/var
+    assert cases["fwd"].nbytes == 2 * x + 2 * 3 * 4 + 4 * 3 * 4 + 2 * 3 * 4
+    # bwd: read dy, x, mean, rstd, w; write dx, dw, db
+    assert cases["bwd"].nbytes == 3 * x + 3 * 3 * 4 + 2 * 3 * 4
+    assert cases["fwd+bwd"].nbytes == cases["fwd"].nbytes + cases["bwd"].nbytes
+    assert cases["fwd"].verify()["ok"] and cases["bwd"].verify()["ok"]
+    assert [s.op for s in _bench.select_specs("layer_norm,rms_*")] == ["layer_norm"] * 2 + \
+        ["rms_norm"] * 2
+    assert all(q.shape[1:] == s.shape[1:] for q, s in zip(_bench.select_specs(quick=True),
+                                                         _bench.STANDARD))
