@@ -3,18 +3,20 @@
 Sample n's group g is the channels [g*Cg, (g+1)*Cg) (Cg = C/G) at every
 spatial position; with m = Cg*HW elements, in float64:
 
-    mean = sum(x) / m,  var = sum((x - mean)**2) / m   (two passes, no cancellation)
+    mean = sum(x) / m,  var = sum((x - mean)**2) / m    (float64, shifted sums)
     y    = x * scale[c] + shift[c],  scale = rstd * w[c], shift = b[c] - mean * scale
 
 Channels first (axis=1, NCHW): a group is one contiguous run of m elements,
-processed like a layer-norm row by one ``prange`` iteration over (n, g); the
-run stays in cache across the three passes.
+processed like a layer-norm row by one ``prange`` iteration over (n, g):
+one pass for sums shifted by the group's first element (which bounds the
+cancellation, see cpu/norm.py), one for y, the run staying in cache.
 
 Channels last (axis=-1, NHWC, and NCHW shapes stored channels last): one
 ``prange`` iteration per sample streams its HW rows of C channels, summing
-per channel (vectorized along the row), then per group; the squared
-deviations take a second pass and y a third, both from L2 for the sizes the
-benchmarks use (a 128x56x56 float32 sample is 1.6 MB).
+per channel (vectorized along the row) with each channel shifted by its
+first element; channel means and M2 are merged per group with Chan's
+formula, and a second pass writes y (a 128x56x56 float32 sample, 1.6 MB,
+is still in L2/L3).
 
 Backward, with g = dy * w[c] and xhat = (x - mean) * rstd, means over a group:
 
@@ -46,17 +48,19 @@ def _group_norm_fwd_groups(x, w, b, eps, y, mean, rstd, var):
     G = max(w.shape[0] // max(Cg, 1), 1)
     inv_m = 1.0 / max(Cg * HW, 1)
     for i in prange(R):
-        s = 0.0
+        k = np.float64(x[i, 0, 0]) if Cg * HW else 0.0  # shift: the group's first element
+        s1 = 0.0
+        s2 = 0.0
         for ci in range(Cg):
             for j in range(HW):
-                s += x[i, ci, j]
-        mu = s * inv_m
-        ss = 0.0
-        for ci in range(Cg):
-            for j in range(HW):
-                d = x[i, ci, j] - mu
-                ss += d * d
-        v = ss * inv_m
+                d = x[i, ci, j] - k
+                s1 += d
+                s2 += d * d
+        m1 = s1 * inv_m
+        v = s2 * inv_m - m1 * m1
+        if v < 0.0:  # rounding; NaN passes through
+            v = 0.0
+        mu = k + m1
         r = 1.0 / np.sqrt(v + eps)
         g = i % G
         for ci in range(Cg):
@@ -110,24 +114,38 @@ def _group_norm_fwd_rows(x, G, w, b, eps, y, mean, rstd, var):
     N, HW, C = x.shape
     Cg = C // G
     inv_m = 1.0 / max(Cg * HW, 1)
+    inv_hw = 1.0 / max(HW, 1)
     for n in prange(N):
-        acc = np.zeros(C)
+        # per channel: sums shifted by the channel's first element, in one pass
+        k = np.empty(C)
+        for c in range(C):
+            k[c] = x[n, 0, c] if HW else 0.0
+        s1 = np.zeros(C)
+        s2 = np.zeros(C)
         for s in range(HW):
             for c in range(C):
-                acc[c] += x[n, s, c]
+                d = x[n, s, c] - k[c]
+                s1[c] += d
+                s2[c] += d * d
+        # channel means and M2, merged per group (Chan et al.; equal counts)
         mu_c = np.empty(C)
+        acc = np.empty(C)  # the group's M2 contributions, per channel
         for g in range(G):
             t = 0.0
             for ci in range(Cg):
-                t += acc[g * Cg + ci]
-            mean[n, g] = t * inv_m
+                c = g * Cg + ci
+                mc = s1[c] * inv_hw
+                mu_c[c] = k[c] + mc
+                t += mu_c[c]
+            mg = t / max(Cg, 1)
+            mean[n, g] = mg
             for ci in range(Cg):
-                mu_c[g * Cg + ci] = t * inv_m
-        acc[:] = 0.0
-        for s in range(HW):
-            for c in range(C):
-                d = x[n, s, c] - mu_c[c]
-                acc[c] += d * d
+                c = g * Cg + ci
+                mc = s1[c] * inv_hw
+                dm = mu_c[c] - mg
+                acc[c] = max(s2[c] - s1[c] * mc, 0.0) + HW * dm * dm
+            for ci in range(Cg):
+                mu_c[g * Cg + ci] = mg
         scale = np.empty(C)
         shift = np.empty(C)
         for g in range(G):
