@@ -17,6 +17,7 @@ edits to helpers in other files, so kernels do not call across modules.
 
 import os
 
+import numba
 import numpy as np
 
 CACHE = os.environ.get("FASTREG_NUMBA_CACHE", "1") != "0"
@@ -32,6 +33,27 @@ def block_rows(M, blocks=REDUCE_BLOCKS):
     """Rows per block and block count for a fixed partition of M rows."""
     rows = max(1, -(-M // blocks))
     return rows, max(1, -(-M // rows)) if M else 0
+
+
+@numba.njit(nogil=True, cache=CACHE, parallel=True)
+def _sum_rows_in_order(part, out):
+    """out[j] = sum over rows b of part[b, j], in row order (no reassociation)."""
+    nb, D = part.shape
+    for j in numba.prange(D):
+        s = 0.0
+        for blk in range(nb):
+            s += part[blk, j]
+        out[j] = s
+
+
+def reduce_blocks(part, out):
+    """Sum per-block partials (blocks, n) into ``out`` (n elements, any layout) in
+    block order; with no blocks, out is zeroed. ``out`` None is skipped."""
+    if out is None:
+        return
+    t = target(out)
+    _sum_rows_in_order(part, t.reshape(-1))
+    finish(out, t)
 
 
 def contiguous(a):

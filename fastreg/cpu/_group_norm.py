@@ -36,7 +36,7 @@ import numba
 import numpy as np
 from numba import prange
 
-from ._common import PARALLEL_JIT, ChannelLayout, finish, param, target
+from ._common import PARALLEL_JIT, ChannelLayout, finish, param, reduce_blocks, target
 
 
 # --------------------------------------------------------------------------- channels first
@@ -208,17 +208,6 @@ def _group_norm_bwd_rows(dy, x, mean, rstd, w, dx, dw_part, db_part):
                 dx[n, s, c] = alpha[c] * dy[n, s, c] - beta[c] * (x[n, s, c] - mu_c[c]) - gamma[c]
 
 
-@numba.njit(**PARALLEL_JIT)
-def _sum_samples(part, out):
-    """out[c] = sum over n of part[n, c], in sample order."""
-    N, C = part.shape
-    for c in prange(C):
-        s = 0.0
-        for n in range(N):
-            s += part[n, c]
-        out[c] = s
-
-
 # --------------------------------------------------------------------------- launchers
 
 def _views(x, axis, G):
@@ -233,14 +222,6 @@ def _views(x, axis, G):
         shape = (N, A // max(N, 1), C)
         channels_last = True
     return layout, shape, channels_last
-
-
-def _reduce(part, out):
-    if out is None:
-        return
-    t = target(out)
-    _sum_samples(part, t)
-    finish(out, t)
 
 
 def group_norm(x, G, weight, bias, eps, axis, out):
@@ -283,5 +264,5 @@ def group_norm_backward(dy, x, mean, rstd, G, weight, axis, out):
                                    dxv.reshape(shape), dw_part.reshape(N * G, C // G),
                                    db_part.reshape(N * G, C // G))
         layout.finish(dx, dxv)
-    _reduce(dw_part, dweight)
-    _reduce(db_part, dbias)
+    reduce_blocks(dw_part, dweight)
+    reduce_blocks(db_part, dbias)

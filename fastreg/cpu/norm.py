@@ -27,7 +27,7 @@ import numba
 import numpy as np
 from numba import prange
 
-from ._common import PARALLEL_JIT, block_rows, contiguous, finish, param, target
+from ._common import PARALLEL_JIT, block_rows, contiguous, finish, param, reduce_blocks, target
 
 
 def _rows(a, k):
@@ -90,26 +90,6 @@ def _layer_norm_bwd_rows(dy, x, mean, rstd, w, rows_per_block, dx, dw_part, db_p
                 dx[i, j] = r * (dy[i, j] * w[j] - a - xh * c)
 
 
-@numba.njit(**PARALLEL_JIT)
-def _sum_blocks(part, out):
-    """out[j] = sum over blocks of part[b, j], in block order."""
-    nb, D = part.shape
-    for j in prange(D):
-        s = 0.0
-        for blk in range(nb):
-            s += part[blk, j]
-        out[j] = s
-
-
-def _reduce_blocks(part, out):
-    """Sum per-block partials into ``out`` (any layout), or zero it if no rows."""
-    if out is None:
-        return
-    t = target(out)
-    _sum_blocks(part, t.reshape(-1))
-    finish(out, t)
-
-
 def layer_norm(x, weight, bias, eps, normalized_ndim, out):
     y, mean, rstd = out
     M, D = _rows(x, normalized_ndim)
@@ -132,8 +112,8 @@ def layer_norm_backward(dy, x, mean, rstd, weight, normalized_ndim, out):
                          param(weight, D, x.dtype, 1.0), rows, dxt.reshape(M, D),
                          dw_part, db_part)
     finish(dx, dxt)
-    _reduce_blocks(dw_part, dweight)
-    _reduce_blocks(db_part, dbias)
+    reduce_blocks(dw_part, dweight)
+    reduce_blocks(db_part, dbias)
 
 
 # --------------------------------------------------------------------------- RMS norm
@@ -191,7 +171,7 @@ def rms_norm_backward(dy, x, rstd, weight, normalized_ndim, out):
                        contiguous(rstd).reshape(M), param(weight, D, x.dtype, 1.0), rows,
                        dxt.reshape(M, D), dw_part)
     finish(dx, dxt)
-    _reduce_blocks(dw_part, dweight)
+    reduce_blocks(dw_part, dweight)
 
 
 # Batch and group norm live in their own files (channel layouts, more kernels);
