@@ -61,7 +61,10 @@ def test_bench_quick_runs_and_writes_results(tmp_path):
     assert len(verified) == 4                 # fwd and bwd of both shapes
     assert all(r["ok"] and r["verify"]["err/tol"] <= 1 for r in verified)
     assert "layer_norm_fwd|512x1024|float32" in proc.stdout       # the printed table
-    assert "copy ceiling" in proc.stdout and "THP_MEM_ALLOC_ENABLE=" in proc.stdout
+    assert "copy ceiling" in proc.stdout
+    # the torch line says how torch's allocator ran, or that torch is missing
+    torch_line = next(line for line in proc.stdout.splitlines() if line.startswith("torch "))
+    assert "THP_MEM_ALLOC_ENABLE=" in torch_line or torch_line == "torch not installed"
     md = (tmp_path / "cpu-norm.md").read_text()
     assert "| case |" in md and "layer_norm_bwd 256x4096 float32" in md
 
