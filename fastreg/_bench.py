@@ -37,6 +37,7 @@ reuses the table for pytest-benchmark.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import fnmatch
 import gc
 import json
@@ -694,9 +695,45 @@ def add_arguments(p):
                    help="1/16 of the batch, 3 repeats: the whole run in well under a minute")
     p.add_argument("--repeat", type=int, default=None, metavar="N",
                    help="timed samples per peer (default 15 within 5 s per peer; --quick 3)")
+    p.add_argument("--backend", default="all", choices=("cpu", "cuda", "all"),
+                   help="which fastreg backend to time (default: all that are available)")
+    p.add_argument("--dtype", default="float32", metavar="DTYPES",
+                   help="comma-separated dtypes: float32, float64 (default: float32)")
     p.add_argument("--out", default="bench-results", metavar="DIR",
-                   help="folder for results.json and cpu-norm.md (default: bench-results)")
+                   help="folder for results.json, cpu-norm.md and bandwidth.png "
+                        "(default: bench-results)")
     return p
+
+
+BACKENDS_AVAILABLE = ("cpu",)   # the CUDA backend is not built yet
+
+
+def _backends(choice):
+    """The backends to time, or an error message."""
+    if choice == "all":
+        return list(BACKENDS_AVAILABLE), None
+    if choice not in BACKENDS_AVAILABLE:
+        return [], f"the {choice!r} backend is not available in this version of fastreg"
+    return [choice], None
+
+
+def _dtypes(text):
+    """Parse --dtype; returns (dtypes, error message)."""
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    bad = [n for n in names if n not in TOLERANCES]
+    if bad or not names:
+        return [], f"--dtype must list some of {', '.join(TOLERANCES)}, got {text!r}"
+    return names, None
+
+
+def _progress(specs):
+    """Iterate over specs with a progress bar on stderr (tqdm), or plainly without it."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return specs, print
+    bar = tqdm(specs, desc="bench", unit="shape", file=sys.stderr, dynamic_ncols=True)
+    return bar, bar.write
 
 
 def bench(argv=None):
@@ -706,7 +743,14 @@ def bench(argv=None):
         description="Time every norm op against the copy ceiling, NumPy and PyTorch; verify "
                     "fastreg against the NumPy reference (exit 1 if a check fails).")
     args = add_arguments(parser).parse_args(argv)
-    specs = select_specs(args.ops, args.quick)
+    backends, problem = _backends(args.backend)
+    if not problem:
+        dtypes, problem = _dtypes(args.dtype)
+    if problem:
+        print(f"fastreg bench: {problem}", file=sys.stderr)
+        return 2
+    specs = [dataclasses.replace(s, dtype=dt) for dt in dtypes
+             for s in select_specs(args.ops, args.quick)]
     if not specs:
         print(f"fastreg bench: no op matches {args.ops!r}; ops are {', '.join(OPS)}",
               file=sys.stderr)
@@ -736,8 +780,9 @@ def bench(argv=None):
     print("\n".join(head), flush=True)
 
     rows = []
-    log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
-    for spec in specs:
+    progress, write = _progress(specs)
+    log = lambda s: write(s, file=sys.stderr)  # noqa: E731
+    for spec in progress:
         rows += run_spec(spec, torch, repeat, ceiling, budget, log)
 
     first = first_call_per_op(rows)
@@ -750,10 +795,19 @@ def bench(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     result = {"machine": info, "copy": bw, "first_call_s": first, "repeat": repeat,
               "budget_s": budget, "quick": args.quick, "ops": args.ops,
+              "backends": backends, "dtypes": dtypes,
               "tolerances": TOLERANCES, "fused_target": FUSED_TARGET, "rows": rows}
     (out / "results.json").write_text(json.dumps(_jsonable(result), indent=1, allow_nan=False))
     (out / "cpu-norm.md").write_text(format_markdown(rows, [f"    {h}" for h in head]
                                                      + [""] + [f"- {n}" for n in notes]))
+    try:
+        from ._plot import plot_bandwidth
+        plot_bandwidth(rows, ceiling, out / "bandwidth.png",
+                       f"fastreg {info['fastreg']} on {info['cpu']} ({info['numba_threads']} "
+                       f"threads), {', '.join(dtypes)}, medians of {repeat}")
+        print(f"plot: {out / 'bandwidth.png'}")
+    except ImportError:
+        print("plot: skipped (matplotlib is not installed; pip install 'fastreg[bench]')")
     failed = failures(rows)
     if failed:
         print(f"VERIFICATION FAILED: {', '.join(failed)}", file=sys.stderr)

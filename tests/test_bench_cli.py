@@ -67,6 +67,30 @@ def test_bench_quick_runs_and_writes_results(tmp_path):
     assert "THP_MEM_ALLOC_ENABLE=" in torch_line or torch_line == "torch not installed"
     md = (tmp_path / "cpu-norm.md").read_text()
     assert "| case |" in md and "layer_norm_bwd 256x4096 float32" in md
+    png = (tmp_path / "bandwidth.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--backend", "cuda"], "'cuda' backend is not available"),
+    (["--dtype", "float16"], "--dtype must list some of float32, float64"),
+    (["--ops", "dropout"], "no op matches"),
+])
+def test_bench_rejects_what_it_cannot_run(args, message, capsys):
+    assert _bench.bench(args) == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_bench_runs_float64_and_labels_rows_by_dtype(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, "-m", "fastreg", "bench", "--quick", "--repeat", "1",
+                           "--ops", "rms_norm", "--dtype", "float64", "--out", str(tmp_path)],
+                          env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert rows and {r["dtype"] for r in rows} == {"float64"}
+    assert all(r["ok"] for r in rows if "verify" in r)
 
 
 @pytest.mark.slow
