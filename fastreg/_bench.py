@@ -481,6 +481,7 @@ def measure(case, repeat, ceiling_gbs, budget_s=None):
     spec = case.spec
     row = {"case": case.name, "op": spec.op, "direction": case.direction,
            "shape": list(spec.shape), "layout": spec.layout, "dtype": spec.dtype,
+           "backend": "cpu",
            "bytes": case.nbytes, "first_call_s": case.first_call_s}
     times = time_peers(case.runs, repeat, budget_s=budget_s)
     row["ms"] = {peer: t["s"] * 1e3 for peer, t in times.items()}
@@ -503,6 +504,7 @@ def error_row(spec, direction, exc):
     """The row of a case that raised: reported, and a failure."""
     return {"case": spec.name(direction), "op": spec.op, "direction": direction,
             "shape": list(spec.shape), "layout": spec.layout, "dtype": spec.dtype,
+            "backend": "cpu",
             "error": f"{type(exc).__name__}: {exc}", "ok": False}
 
 
@@ -531,8 +533,8 @@ def _f(v, fmt):
     return "-" if v is None else fmt.format(v)
 
 
-HEAD = ["case", "layout", "MB", "variant", "ms", "GB/s", "% copy", "x numpy", "x torch",
-        "torch ms", "numpy ms", "1st call s", "max abs err", "err/tol", "ok"]
+HEAD = ["case", "layout", "backend", "MB", "variant", "ms", "GB/s", "% copy", "x numpy",
+        "x torch", "torch ms", "numpy ms", "1st call s", "max abs err", "err/tol", "ok"]
 
 
 def table_cells(rows):
@@ -540,12 +542,14 @@ def table_cells(rows):
     lines = []
     for r in rows:
         if "error" in r:
-            lines.append([r["case"], r["layout"], *["-"] * (len(HEAD) - 3), "ERROR"])
+            lines.append([r["case"], r["layout"], r["backend"], *["-"] * (len(HEAD) - 4),
+                          "ERROR"])
             continue
         ms = r["ms"]
         for i, variant in enumerate(("fastreg", "fastreg fresh")):
             v = r[variant]
             cells = [r["case"] if i == 0 else "", r["layout"] if i == 0 else "",
+                     r["backend"] if i == 0 else "",
                      f"{r['bytes'] / 1e6:.1f}" if i == 0 else "", "out=" if i == 0 else "fresh",
                      _f(v["ms"], "{:.3f}"), _f(v["GB/s"], "{:.1f}"), _f(v["% copy"], "{:.0f}"),
                      _f(v["x numpy"], "{:.1f}"), _f(v["x torch"], "{:.2f}")]
@@ -568,7 +572,7 @@ def format_text(rows):
               for i, h in enumerate(HEAD)]
 
     def line(cells):
-        return "  ".join(c.ljust(w) if i < 2 else c.rjust(w)
+        return "  ".join(c.ljust(w) if i < 3 else c.rjust(w)
                          for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
     return "\n".join([line(HEAD), line(["-" * w for w in widths]), *map(line, body)])
 
@@ -845,5 +849,11 @@ def info(argv=None):
                             description="Show versions, threads and caches.").parse_args(argv)
     torch = import_torch()
     print("\n".join(describe(machine_info(torch))))
+    try:
+        import cupy
+        device = cupy.cuda.runtime.getDeviceProperties(0)["name"].decode()
+        print(f"cupy {cupy.__version__}, CUDA device 0: {device} (no fastreg GPU backend yet)")
+    except Exception as exc:  # not installed, or no device/driver
+        print(f"cupy/CUDA: not available ({type(exc).__name__})")
     print("backends: cpu (Numba), reference (NumPy); cuda: not available yet")
     return 0

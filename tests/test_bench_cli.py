@@ -90,6 +90,7 @@ def test_bench_runs_float64_and_labels_rows_by_dtype(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rows = json.loads((tmp_path / "results.json").read_text())["rows"]
     assert rows and {r["dtype"] for r in rows} == {"float64"}
+    assert {r["backend"] for r in rows} == {"cpu"}
     assert all(r["ok"] for r in rows if "verify" in r)
 
 
