@@ -50,3 +50,19 @@ def pytest_benchmark_update_machine_info(config, machine_info):
     """Versions, threads, THP and the copy ceiling go into the JSON (bench/report.py reads them)."""
     machine_info["fastreg"] = _bench.machine_info(_bench.import_torch())
     machine_info["fastreg"]["copy"] = copy_bandwidth()
+
+
+def _stable(machine_info):
+    """machine_info without what varies run to run (the measured copy ceiling)."""
+    info = dict(machine_info)
+    info["fastreg"] = {k: v for k, v in info.get("fastreg", {}).items() if k != "copy"}
+    return info
+
+
+def pytest_benchmark_compare_machine_info(config, benchmarksession, machine_info,
+                                          compared_benchmark):
+    """--benchmark-compare: warn (do not fail) when the machines differ, ignoring the
+    copy ceiling, which is a measurement, not a property of the machine."""
+    if _stable(machine_info) != _stable(compared_benchmark["machine_info"]):
+        benchmarksession.logger.warning(
+            "Benchmark machine_info differs from the compared run (copy ceiling ignored).")
