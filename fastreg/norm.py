@@ -420,7 +420,7 @@ def batch_norm_combine(counts, means, m2s, *, out=None, backend=None):
     _checks.floating_like("m2s", m2s, caller=caller, shape=shape, dtypes=_STAT_DTYPES)
     if _backend.array_kind(counts) == "numpy" and not np.all(counts >= 0):
         bad = counts[~(counts >= 0)]
-        raise ValueError(f"{caller}: 'counts' must be >= 0, got {bad.flat[0]!r}.")
+        raise ValueError(f"{caller}: 'counts' must be >= 0, got {float(bad.flat[0])!r}.")
     C = shape[1]
     outs = _checks.out(caller, out, [("count", (C,), _F64, None), ("mean", (C,), _F64, None),
                                      ("var", (C,), _F64, None)],
