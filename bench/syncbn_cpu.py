@@ -143,7 +143,7 @@ def rank_main(args):
         import torch.distributed as dist
         peers["torch ops + gloo"] = lambda: _torch_sync_bn_step(torch, dist, xt, dyt, wt, bt,
                                                                 rmt, rvt, torch_sent)
-    if world == 1:
+    if world == 1 and args.mode == "gloo":
         def fastreg_single():
             y, m, r = fastreg.batch_norm(x, w, b, rm, rv, out=outs[:1] + (None, None))
             return fastreg.batch_norm_backward(dy, x, m, r, w, b, out=gouts)
@@ -203,6 +203,7 @@ def _env():
 
 def run_config(mode, world, repeats, tmp):
     out = pathlib.Path(tmp) / f"{mode}-{world}.json"
+    load = os.getloadavg()[0]
     me = [sys.executable, str(pathlib.Path(__file__).resolve()), "--rank-of", mode,
           "--world", str(world), "--json", str(out), "--repeats", str(repeats)]
     if mode == "mpi":
@@ -221,7 +222,9 @@ def run_config(mode, world, repeats, tmp):
             text, _ = p.communicate(timeout=1800)
             if p.returncode:
                 raise RuntimeError(text)
-    return json.loads(out.read_text())
+    result = json.loads(out.read_text())
+    result["load"] = load
+    return result
 
 
 def report(results, repeats):
@@ -252,17 +255,22 @@ def report(results, repeats):
         "CPU implementation. The torch peer is therefore the same algorithm written with "
         "torch's CPU ops over the same gloo transport (see bench/syncbn_cpu.py).",
         "",
-        "| ranks | transport | peer | ms per step (median) | x torch ops + gloo |",
-        "|---:|---|---|---:|---:|",
+        f"Load average of the machine (1 min) when each configuration started: "
+        + ", ".join(f"{r['mode']} x {r['world']}: {r['load']:.1f}" for r in results) + ".",
+        "",
+        "| ranks | transport | peer | ms per step (median) | min | x torch ops + gloo |",
+        "|---:|---|---|---:|---:|---:|",
     ]
     for res in results:
         med = {k: statistics.median(v) * 1e3 for k, v in res["times"].items()}
+        low = {k: min(v) * 1e3 for k, v in res["times"].items()}
         ref = med.get("torch ops + gloo")
         for name, ms in med.items():
             transport = "-" if "1 process" in name else (
                 "MPICH (mpi4py)" if res["mode"] == "mpi" else "gloo")
             ratio = f"{ref / ms:.2f}" if ref and transport != "-" else ""
-            lines.append(f"| {res['world']} | {transport} | {name} | {ms:.1f} | {ratio} |")
+            lines.append(f"| {res['world']} | {transport} | {name} | {ms:.1f} | {low[name]:.1f} "
+                         f"| {ratio} |")
     lines += ["", "## Bytes on the wire per step (per rank)", ""]
     for res in results:
         if res["world"] == 2 and res["mode"] == "gloo":
