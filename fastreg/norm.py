@@ -8,7 +8,10 @@ back explicitly, as PyTorch's ``native_*`` ops do.
 Conventions shared by every function here:
 
 - Statistics (mean, rstd) are float32 for float32 input and float64 for
-  float64 input; accumulation is in float64 on the CPU.
+  float64 input; accumulation is in float64 on the CPU. The split batch-norm
+  steps (``batch_norm_stats`` and the rest, for batches spread over
+  processes) keep their per-channel partials and statistics in float64 for
+  every input dtype: they are exchanged and merged, see ``batch_norm_stats``.
 - ``out=`` is a tuple shaped like the returns; entries left None are
   allocated. Reusing buffers avoids the page faults of fresh outputs.
 - Inputs are never modified; ``running_mean``/``running_var`` are updated in

@@ -47,6 +47,9 @@ thread count.
 
 Bytes (minimal): fwd read x, write y; bwd read dy, x (+ y for ReLU), write dx
 (+ params and statistics). The row kernels read the inputs twice.
+
+The split kernels at the end (statistics, their merge, backward sums and dx
+as separate steps, for fastreg.distributed) use the same two strategies.
 """
 
 import numba
