@@ -245,8 +245,9 @@ def report(results, repeats):
         "fwd + bwd on every rank, barrier (timed on rank 0)",
         "",
         "The machine has 2 cores and was shared with other jobs: absolute times are noisy,",
-        "compare ratios within one row. 4 ranks oversubscribe it (4 processes on 2 cores),",
-        "so their times measure contention more than scaling.",
+        "compare ratios within one configuration (same ranks and transport, peers measured",
+        "in turn). 4 ranks oversubscribe it (4 processes on 2 cores), so their times measure",
+        "contention more than scaling.",
         "",
         "torch's own `nn.SyncBatchNorm` refuses CPU tensors in torch "
         f"{torch.__version__} (\"SyncBatchNorm expected input tensor to be on GPU or XPU or "
@@ -271,6 +272,16 @@ def report(results, repeats):
             ratio = f"{ref / ms:.2f}" if ref and transport != "-" else ""
             lines.append(f"| {res['world']} | {transport} | {name} | {ms:.1f} | {low[name]:.1f} "
                          f"| {ratio} |")
+    lines += [
+        "",
+        "Reading: the total work is the same at every rank count (the batch is split, not",
+        "replicated) and the machine has 2 cores, so more ranks cannot run faster than 1 rank",
+        "with 2 threads; what the rows show is the overhead of the split and of the",
+        "transport. At 1 rank the split costs against single-process `batch_norm`: the",
+        "forward reads x twice (statistics, then y, with the exchange between) and the",
+        "backward reads dy and x twice (sums, then dx), 5 passes over the activations instead",
+        "of 3, plus the collectives.",
+    ]
     lines += ["", "## Bytes on the wire per step (per rank)", ""]
     for res in results:
         if res["world"] == 2 and res["mode"] == "gloo":
