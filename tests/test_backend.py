@@ -54,7 +54,8 @@ def test_environment_variable_selects_backend(reference_calls, monkeypatch):
 
 
 def test_use_backend_rejects_unknown_names():
-    with pytest.raises(ValueError, match="'backend' must be one of 'cpu', 'cuda', 'reference'"):
+    with pytest.raises(ValueError, match="'backend' must be one of 'cpu', 'cuda', "
+                                         "'cuda_emulator', 'reference'"):
         with fastreg.use_backend("gpu"):
             pass
 
