@@ -39,7 +39,7 @@
 
 namespace fastreg {
 
-static const unsigned kFullMask = 0xffffffffu;
+enum : unsigned { kFullMask = 0xffffffffu };  // an enum: no storage in device memory
 
 // ------------------------------------------------------------------ types
 // Accumulation type: float for half, bfloat16 and float; double for double.
