@@ -220,14 +220,3 @@ def rms_norm_backward(dy, x, rstd, weight, normalized_ndim, out):
     dx, dweight = out
     _row_backward("rms_norm", dy, x, None, rstd, weight, normalized_ndim, dx, dweight, None)
 
-
-def bytes_moved(op, direction, M, D, dtype, *, weight=True, bias=True):
-    """The minimal bytes of one call (each input read once, each output written once),
-    the denominator of the benchmarks' GB/s."""
-    s, a = np.dtype(dtype).itemsize, np.dtype(_acc(dtype)).itemsize
-    nparams = int(weight) + int(bias and op == "layer_norm")
-    nstats = 2 if op == "layer_norm" else 1
-    if direction == "fwd":
-        return 2 * M * D * s + nparams * D * s + nstats * M * a
-    return 3 * M * D * s + int(weight) * D * s + nstats * M * a + nparams * D * s
-
