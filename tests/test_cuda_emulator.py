@@ -155,7 +155,8 @@ def test_half_and_bfloat16_conversions_round_like_cuda(lib, rng):
     np.testing.assert_array_equal(bb[~nan], want_b[~nan])
     assert (hb[nan] == 0x7FFF).all() and (bb[nan] == 0x7FFF).all()
     np.testing.assert_array_equal(vh[~nan], want_h[~nan].view(np.float16).astype(np.float32))
-    np.testing.assert_array_equal(vb[~nan], want_b[~nan].view(ml_dtypes.bfloat16).astype(np.float32))
+    np.testing.assert_array_equal(vb[~nan],
+                                  want_b[~nan].view(ml_dtypes.bfloat16).astype(np.float32))
 
 
 def _butterfly(v):

@@ -212,7 +212,7 @@ DETERMINISM_SHAPES = [(2600, 24), (40, 1000), (3, 20000)]
 @pytest.mark.parametrize("shape", DETERMINISM_SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_results_are_bitwise_identical_run_to_run(shape, target, rng):
     x = rng.standard_normal(shape).astype(np.float32)
-    w, b = rng.standard_normal(shape[1:]).astype(np.float32), rng.standard_normal(shape[1:]).astype(np.float32)
+    w, b = (rng.standard_normal(shape[1:]).astype(np.float32) for _ in range(2))
     dy = rng.standard_normal(shape).astype(np.float32)
     first = _all_outputs(target, x, w, b, dy)
     for _ in range(2):
@@ -263,21 +263,26 @@ def test_misaligned_buffers_take_the_scalar_path(target, rng):
 
 
 @pytest.mark.parametrize("fn,args", [
-    ("batch_norm", lambda x: (x,)), ("batch_norm_backward", lambda x: (x, x, x[0, :, 0, 0], x[0, :, 0, 0])),
-    ("group_norm", lambda x: (x, 2)), ("group_norm_backward", lambda x: (x, x, x[:, :2, 0, 0], x[:, :2, 0, 0], 2)),
-    ("instance_norm", lambda x: (x,)), ("instance_norm_backward", lambda x: (x, x, x[:, :, 0, 0], x[:, :, 0, 0])),
+    ("batch_norm", lambda x: (x,)),
+    ("batch_norm_backward", lambda x: (x, x, x[0, :, 0, 0], x[0, :, 0, 0])),
+    ("group_norm", lambda x: (x, 2)),
+    ("group_norm_backward", lambda x: (x, x, x[:, :2, 0, 0], x[:, :2, 0, 0], 2)),
+    ("instance_norm", lambda x: (x,)),
+    ("instance_norm_backward", lambda x: (x, x, x[:, :, 0, 0], x[:, :, 0, 0])),
 ])
 def test_ops_without_kernels_refuse_the_cuda_backends_by_name(fn, args):
     import fastreg
     x = np.ones((2, 4, 3, 3), np.float32)
-    with pytest.raises(RuntimeError, match=f"{fn}: the 'cuda_emulator' backend does not implement {fn}"):
+    msg = f"{fn}: the 'cuda_emulator' backend does not implement {fn}"
+    with pytest.raises(RuntimeError, match=msg):
         getattr(fastreg, fn)(*args(x), backend="cuda_emulator")
 
 
 def test_low_precision_is_for_the_cuda_backends_only():
     import fastreg
     x = np.ones((2, 8), ml_dtypes.bfloat16)
-    with pytest.raises(TypeError, match=r"layer_norm: 'x' must be a floating array \(float32, float64\)"):
+    msg = r"layer_norm: 'x' must be a floating array \(float32, float64\)"
+    with pytest.raises(TypeError, match=msg):
         fastreg.layer_norm(x)
     y, mean, rstd = fastreg.layer_norm(x, backend="cuda_emulator")
     assert y.dtype == BF16 and mean.dtype == rstd.dtype == np.float32
@@ -317,7 +322,7 @@ def test_matches_torch_on_the_same_device(dtype, rng):
     import fastreg
     tdt = getattr(torch, dtype)
     xt = torch.randn(257, 1000, device="cuda", dtype=tdt)
-    wt, bt = torch.randn(1000, device="cuda", dtype=tdt), torch.randn(1000, device="cuda", dtype=tdt)
+    wt, bt = (torch.randn(1000, device="cuda", dtype=tdt) for _ in range(2))
     x, w, b = (cupy.from_dlpack(t) for t in (xt, wt, bt))
     y, _, _ = fastreg.layer_norm(x, w, b)
     yt = torch.nn.functional.layer_norm(xt, (1000,), wt, bt, eps=1e-5)

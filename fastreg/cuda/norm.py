@@ -9,9 +9,10 @@ Forward. x is viewed as (M, D) rows. ``row_plan`` picks the smallest row
 group R (threads per row, a power of two from 32) and then the smallest K
 (16-byte slots per thread) from the instances in ``ROW_KERNELS`` that hold
 the row in registers: R * K * N >= D, N = 16 bytes / itemsize. A warp per
-row up to D = 32 * K * N (fp32: 512), then R = D / (4 * N) up to 1024
-threads (fp32: D <= 16384; bf16/fp16: 8192 with K = 1 at 1024 threads or
-K = 2 at 512). Blocks of max(R, 128) threads, max(R, 128) / R rows each,
+row up to D = 32 * K * N with the dtype's largest K (fp32 and fp64: K = 4,
+D <= 512 and 256; 16-bit: K = 2, D <= 512), then R doubles up to 1024
+threads (fp32: D <= 16384; fp64 8192; 16-bit 8192, as K = 1 at 1024 threads
+or K = 2 at 512). Blocks of max(R, 128) threads, max(R, 128) / R rows each,
 one row per group, ceil(M / rows per block) blocks. Beyond the registers,
 the loop kernel: one row per 512-thread block.
 
@@ -21,10 +22,13 @@ grid of G = min(row groups, 132 * max(1, 512 // threads)) blocks: one
 resident wave on a 132-SM H100 given the kernels' register use (<= 128 per
 thread). G depends on the shapes only, so the partial rows, and the order in
 which ``norm_sum_partials`` adds them, are the same run to run and on every
-device. Partial rows cost 2 * G * D * 4 bytes per parameter gradient (<= 5 %
-of the bytes at the benchmark shapes). Beyond the registers: a dx kernel
-(one row per block) and a column-parallel partial-row kernel over fixed
-ranges of rows.
+device. Partial rows cost 2 * G * D * 4 bytes (written, then read) per
+parameter gradient: at the benchmark shapes 1-4 % of the bytes for float32
+and 2-9 % for 16-bit types (layer norm, D >= 4096), mostly L2 traffic (17 MB
+< 50 MB L2). Fewer blocks would idle SMs; reducing the partials across a
+thread-block cluster in distributed shared memory would remove most of it.
+Beyond the registers: a dx kernel (one row per block) and a column-parallel
+partial-row kernel over fixed ranges of rows.
 
 Rows take 16-byte loads when D is a multiple of N and every row array and
 parameter is 16-byte aligned (``vec``); else the scalar body runs (same
