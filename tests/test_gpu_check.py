@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import fastreg
+from fastreg.cuda import _emulator
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "bench" / "gpu_check.py")
@@ -24,6 +25,8 @@ NP_DTYPES = {"float16": np.float16, "bfloat16": ml_dtypes.bfloat16, "float32": n
              "float64": np.float64}
 
 
+@pytest.mark.skipif(_emulator.compiler() is None, reason="no C++ compiler (g++ or $CXX) for "
+                                                        "the CUDA host emulation")
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32", "float64"])
 @pytest.mark.parametrize("op", ["layer_norm", "rms_norm"])
 def test_byte_counts_are_the_arrays_read_and_written(op, dtype):
