@@ -7,11 +7,18 @@ back explicitly, as PyTorch's ``native_*`` ops do.
 
 Conventions shared by every function here:
 
-- Statistics (mean, rstd) are float32 for float32 input and float64 for
-  float64 input; accumulation is in float64 on the CPU. The split batch-norm
-  steps (``batch_norm_stats`` and the rest, for batches spread over
-  processes) keep their per-channel partials and statistics in float64 for
-  every input dtype: they are exchanged and merged, see ``batch_norm_stats``.
+- Statistics (mean, rstd) are float32 for float16, bfloat16 and float32
+  input and float64 for float64 input; accumulation is in float64 on the CPU
+  and in float32 (float64 for float64) in the CUDA kernels.
+- Backends: NumPy arrays run the Numba kernels ("cpu") or the NumPy reference
+  ("reference"); CuPy arrays run the CUDA kernels ("cuda"), which also accept
+  float16 and bfloat16 (``ml_dtypes.bfloat16``); "cuda_emulator" runs those
+  CUDA kernels on NumPy arrays under a host emulation. Layer and RMS norm have
+  CUDA kernels; batch, group and instance norm raise on the CUDA backends.
+- The split batch-norm steps (``batch_norm_stats`` and the rest, for batches
+  spread over processes) keep their per-channel partials and statistics in
+  float64 for every input dtype: they are exchanged and merged, see
+  ``batch_norm_stats``.
 - ``out=`` is a tuple shaped like the returns; entries left None are
   allocated. Reusing buffers avoids the page faults of fresh outputs.
 - Inputs are never modified; ``running_mean``/``running_var`` are updated in
@@ -82,12 +89,13 @@ def layer_norm(x, weight=None, bias=None, eps=1e-5, *, normalized_ndim=1, out=No
 
     Parameters
     ----------
-    x : ndarray, float32 or float64, shape ``(*batch, *normalized)``
+    x : ndarray, shape ``(*batch, *normalized)``: float32 or float64 (CUDA
+        backends: also float16 and bfloat16)
     weight, bias : ndarray of shape ``normalized`` and x's dtype, or None
     eps : float > 0
     normalized_ndim : int, how many trailing axes are normalized
     out : tuple ``(y, mean, rstd)`` of preallocated outputs (entries may be None)
-    backend : None, "cpu" or "reference"
+    backend : None, "cpu", "reference", "cuda" or "cuda_emulator"
 
     Returns
     -------
@@ -97,6 +105,7 @@ def layer_norm(x, weight=None, bias=None, eps=1e-5, *, normalized_ndim=1, out=No
     Notes
     -----
     Bytes moved: read x, weight, bias; write y, mean, rstd. x is not modified.
+    On the GPU the kernels launch on CuPy's current stream and do not synchronize.
     """
     caller = "layer_norm"
     impl = _setup(caller, backend, x, weight=weight, bias=bias)
