@@ -69,6 +69,13 @@ def _momentum_reason(momentum):
     return f"momentum={momentum!r} (fastreg blends running statistics with 0 <= momentum <= 1)"
 
 
+def _running_reason(running_mean):
+    if running_mean is None or running_mean.dtype in (torch.float32, torch.float64):
+        return None
+    return f"running statistics of dtype {str(running_mean.dtype)[6:]} (fastreg keeps them " \
+           "in float32 or float64)"
+
+
 def _param_shapes_ok(shape, *params):
     return all(p is None or tuple(p.shape) == tuple(shape) for p in params)
 
@@ -287,7 +294,7 @@ def _batch_norm(layer, x, running_mean, running_var, weight, bias, training, mom
                 or (training and not eps > 0)):
             reason = B.INVALID  # PyTorch raises its own error for each of these
         else:
-            reason = _eps_reason(eps) or (
+            reason = _eps_reason(eps) or _running_reason(running_mean) or (
                 _momentum_reason(momentum) if training and running_mean is not None else None)
     if reason:
         B.fallback(layer, reason)
@@ -443,7 +450,7 @@ def _instance_norm(layer, x, running_mean, running_var, weight, bias, use_input_
                 or (use_input_stats and math.prod(x.shape[2:]) == 1)):
             reason = B.INVALID
         else:
-            reason = _eps_reason(eps) or (
+            reason = _eps_reason(eps) or _running_reason(running_mean) or (
                 _momentum_reason(momentum) if use_input_stats and running_mean is not None
                 else None)
     if reason:
