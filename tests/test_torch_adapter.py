@@ -702,3 +702,93 @@ def test_three_d_channels_last_storage_runs_without_copy(spy, rng):
     args, kwargs = spy["batch_norm"]
     assert kwargs["axis"] == -1 and _ptr(args[0]) == x.data_ptr()
     assert _is_channels_last(y)
+
+
+# --------------------------------------------------------------------------- CUDA
+# The same comparisons on a GPU, through DLPack and CuPy on torch's stream. They
+# run where PyTorch sees a CUDA device and CuPy and fastreg's CUDA backend are
+# installed (bench/gpu_check.py); elsewhere they skip, naming what is missing.
+
+def _cuda_missing():
+    if not torch.cuda.is_available():
+        return "no CUDA device (this PyTorch build or machine has none)"
+    cupy, reason = _bridge._cuda_support()
+    return None if cupy is not None else reason
+
+
+needs_cuda = pytest.mark.skipif(_cuda_missing() is not None,
+                                reason=f"CUDA path: {_cuda_missing()}")
+CUDA_CASES = [c for c in MODULE_CASES if c[4] == torch.float32]
+
+
+@needs_cuda
+@pytest.mark.parametrize("name,kwargs,shape,layout,dtype", CUDA_CASES,
+                         ids=[_case_id(c) for c in CUDA_CASES])
+def test_module_matches_torch_on_cuda(name, kwargs, shape, layout, dtype, rng):
+    ref, ours = _twins(rng, name, kwargs, dtype)
+    ref, ours = ref.cuda(), ours.cuda()
+    case = "cuda " + _case_id((name, kwargs, shape, layout, dtype))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ft.FallbackWarning)
+        for step in range(2):
+            x = _tensor(rng, shape, dtype, layout, scale=2.0, offset=0.5).cuda()
+            g = _tensor(rng, shape, dtype, layout).cuda()
+            xr, xo = x.clone().requires_grad_(), x.clone().requires_grad_()
+            yr, yo = ref(xr), ours(xo)
+            _close(yo, yr, "out", dtype, f"{case} step {step} y")
+            yr.backward(g), yo.backward(g)
+            _close(xo.grad, xr.grad, "grad", dtype, f"{case} step {step} dx", scale=True)
+            for (pname, pr), po in zip(ref.named_parameters(), ours.parameters()):
+                _close(po.grad, pr.grad, "grad", dtype, f"{case} d{pname}", scale=True)
+        for (bname, br), bo in zip(ref.named_buffers(), ours.buffers()):
+            if br.is_floating_point():
+                _close(bo, br, "out", dtype, f"{case} {bname}")
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+@pytest.mark.parametrize("name,kwargs,shape", [("LayerNorm", dict(normalized_shape=64), (8, 64)),
+                                               ("RMSNorm", dict(normalized_shape=64), (8, 64)),
+                                               ("GroupNorm", dict(num_groups=2, num_channels=8),
+                                                (4, 8, 5, 5))])
+def test_low_precision_on_cuda_is_as_close_as_torchs(name, kwargs, shape, dtype, rng):
+    """|fastreg - fp32| <= 2 |torch low precision - fp32| + atol (the flash-attention rule)."""
+    ref32 = getattr(nn, name)(**kwargs).cuda()
+    ours = getattr(ft, name)(**kwargs).cuda().to(dtype)
+    ref = getattr(nn, name)(**kwargs).cuda().to(dtype)
+    x = _tensor(rng, shape, torch.float32).cuda()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ft.FallbackWarning)
+        got = ours(x.to(dtype)).float()
+    expected, low = ref32(x), ref(x.to(dtype)).float()
+    bound = 2 * (low - expected).abs() + (1e-2 if dtype == torch.float16 else 5e-2)
+    assert bool(((got - expected).abs() <= bound).all()), f"{name} {dtype}"
+
+
+@needs_cuda
+def test_cuda_tensors_reach_the_kernels_as_views_on_torchs_stream(monkeypatch, rng):
+    cupy, _ = _bridge._cuda_support()
+    seen = {}
+    original = fastreg.batch_norm
+
+    def spy(x, *args, **kwargs):
+        seen.update(x=x, out=kwargs["out"], stream=cupy.cuda.get_current_stream().ptr,
+                    device=cupy.cuda.Device().id)
+        return original(x, *args, **kwargs)
+    monkeypatch.setattr(fastreg, "batch_norm", spy)
+    ours, ref = ft.BatchNorm2d(4).cuda(), nn.BatchNorm2d(4).cuda()
+    side = torch.cuda.Stream()
+    x = _tensor(rng, (2, 4, 6, 6), torch.float32, "channels_last").cuda()
+    with torch.cuda.stream(side):
+        # queue work on the side stream that the norm must wait for, in stream order
+        big = torch.randn(2048, 2048, device="cuda")
+        for _ in range(4):
+            big = big @ big / 2048
+        xs = x + big[0, 0] * 0
+        y = ours(xs)
+        yr = ref(xs)
+    torch.cuda.synchronize()
+    assert seen["stream"] == side.cuda_stream and seen["device"] == x.device.index
+    assert seen["x"].data.ptr == xs.data_ptr() and seen["out"][0].data.ptr == y.data_ptr()
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    _close(y, yr, "out", torch.float32, "cuda side stream")

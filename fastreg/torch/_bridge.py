@@ -101,24 +101,33 @@ def _cupy_bfloat16(cupy):
 def why_not(x, *tensors):
     """Why fastreg cannot run on ``x`` (with ``tensors``, None entries ignored): a
     reason string, or None when it can. Only conditions of the tensors are
-    checked here; each op adds its own (shapes, eps, momentum)."""
+    checked here; each op adds its own (shapes, eps, momentum). Runs on every
+    call, so it is written for speed (plain loops, cheap attributes)."""
     others = [t for t in tensors if t is not None]
-    if not isinstance(x, torch.Tensor) or not all(isinstance(t, torch.Tensor) for t in others):
+    if not isinstance(x, torch.Tensor):
         return INVALID
+    for t in others:
+        if not isinstance(t, torch.Tensor):
+            return INVALID
     if torch.overrides.has_torch_function((x, *others)):
         return "a tensor subclass with __torch_function__"
     if torch.compiler.is_compiling():
         return "inside torch.compile, where PyTorch's op compiles with the graph"
-    if x.layout != torch.strided or any(t.layout != torch.strided for t in others):
+    if x.layout != torch.strided:
         return f"layout {x.layout} (fastreg runs dense tensors)"
-    device = x.device
-    if any(t.device != device for t in others):
-        return INVALID
-    if device.type == "cpu":
+    device, dtype = x.device, x.dtype
+    mixed = False
+    for t in others:
+        if t.device != device:
+            return INVALID
+        if t.layout != torch.strided:
+            return f"layout {t.layout} (fastreg runs dense tensors)"
+        mixed = mixed or t.dtype != dtype
+    if x.is_cpu:
         dtypes = CPU_DTYPES
         if torch.is_autocast_enabled("cpu"):
             return "autocast is enabled"
-    elif device.type == "cuda":
+    elif x.is_cuda:
         cupy, dtypes = _cuda_support()
         if cupy is None:
             return dtypes
@@ -126,11 +135,11 @@ def why_not(x, *tensors):
             return "autocast is enabled"
     else:
         return f"device type {device.type!r} (fastreg runs CPU and CUDA tensors)"
-    if x.dtype not in dtypes:
+    if dtype not in dtypes:
         names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
-        return f"dtype {str(x.dtype).replace('torch.', '')} on {device.type.upper()} " \
+        return f"dtype {str(dtype).replace('torch.', '')} on {device.type.upper()} " \
                f"(fastreg runs {names} there)"
-    if any(t.dtype != x.dtype for t in others):
+    if mixed:
         return "parameters or statistics of another dtype than the input"
     if x.numel() == 0:
         return EMPTY
@@ -148,10 +157,11 @@ def array(t):
     """A NumPy (CPU) or CuPy (CUDA) view of tensor ``t`` sharing its memory; None stays None."""
     if t is None:
         return None
-    t = t.detach()
-    if t.device.type == "cpu":
-        return t.numpy()
-    return _cupy_view(t)
+    if t.requires_grad:
+        t = t.detach()
+    if t.is_cuda:
+        return _cupy_view(t)
+    return t.numpy()
 
 
 def _cupy_view(t):
@@ -162,15 +172,20 @@ def _cupy_view(t):
     return cupy.from_dlpack(t)
 
 
-@contextlib.contextmanager
+_NO_SCOPE = contextlib.nullcontext()
+
+
 def on_stream(x):
     """Run the enclosed fastreg calls where PyTorch would run an op on ``x``: for a
     CUDA tensor, CuPy's current device and stream become x's device and torch's
     current stream there. Entered before the DLPack views are made, so DLPack
-    sees one stream on both sides and adds no synchronization."""
-    if x.device.type != "cuda":
-        yield
-        return
+    sees one stream on both sides and adds no synchronization. Nothing for CPU
+    tensors."""
+    return _cuda_scope(x) if x.is_cuda else _NO_SCOPE
+
+
+@contextlib.contextmanager
+def _cuda_scope(x):
     cupy, _ = _cuda_support()
     index = x.device.index if x.device.index is not None else torch.cuda.current_device()
     stream = torch.cuda.current_stream(index)
