@@ -809,3 +809,26 @@ def test_digits_example_trains_both_ways(capsys):
         assert accuracy > 0.4, f"{name}: accuracy {accuracy} after 2 epochs (chance is 0.1)"
     assert abs(results["torch"][0] - results["fastreg"][0]) < 0.1
     assert "step time torch / fastreg" in capsys.readouterr().out
+
+
+def test_torch_func_transforms_fall_back_and_match_torch(rng):
+    ours, ref = ft.LayerNorm(4), nn.LayerNorm(4)
+    x = _tensor(rng, (2, 3, 4), torch.float32)
+    with pytest.warns(ft.FallbackWarning, match="torch.func"):
+        got = torch.func.vmap(ours)(x)
+    assert torch.equal(got, torch.func.vmap(ref)(x))
+    grad = torch.func.grad(lambda t: ours(t).pow(3).sum())(x[0])
+    assert torch.equal(grad, torch.func.grad(lambda t: ref(t).pow(3).sum())(x[0]))
+
+
+def test_torch_compile_traces_torchs_op_without_graph_breaks(rng):
+    model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4), nn.BatchNorm1d(4))
+    ref = copy.deepcopy(model)
+    ft.convert(model)
+    compiled = torch.compile(model, backend="eager")  # dynamo only: no C++ compiler needed
+    x = _tensor(rng, (5, 4), torch.float32)
+    with pytest.warns(ft.FallbackWarning, match="torch.compile"):
+        y = compiled(x)
+    _close(y, ref(x), "out", torch.float32, "compiled")
+    _close(model[2].running_mean, ref[2].running_mean, "out", torch.float32, "running_mean")
+    assert torch._dynamo.explain(model)(x).graph_break_count == 0

@@ -52,6 +52,11 @@ _CUDA_DTYPES_DEFAULT = (torch.float16, torch.bfloat16, torch.float32, torch.floa
 
 _warned: set = set()
 
+# Tensors under a torch.func transform (vmap, grad, jacrev, ...) are wrappers
+# without storage of their own; PyTorch's ops know how to run on them.
+_functorch_wrapped = getattr(getattr(torch._C, "_functorch", None),
+                             "is_functorch_wrapped_tensor", lambda t: False)
+
 
 def fallback(layer, reason):
     """Warn once per (layer, reason) that PyTorch's op runs instead of fastreg's."""
@@ -113,6 +118,8 @@ def why_not(x, *tensors):
         return "a tensor subclass with __torch_function__"
     if torch.compiler.is_compiling():
         return "inside torch.compile, where PyTorch's op compiles with the graph"
+    if _functorch_wrapped(x) or any(_functorch_wrapped(t) for t in others):
+        return "inside a torch.func transform (vmap, grad, ...)"
     if x.layout != torch.strided:
         return f"layout {x.layout} (fastreg runs dense tensors)"
     device, dtype = x.device, x.dtype
