@@ -140,7 +140,7 @@ def _direct(module, x):
         gout = fastreg.rms_norm_backward(dy, xa, out[1], w)
         return (lambda: fastreg.rms_norm(xa, w, eps, out=out),
                 lambda: fastreg.rms_norm_backward(dy, xa, out[1], w, out=gout))
-    if isinstance(module, nn.BatchNorm2d):
+    if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)):
         rm, rv = module.running_mean.numpy(), module.running_var.numpy()
         out = fastreg.batch_norm(xa, w, b, rm, rv)
         gout = fastreg.batch_norm_backward(dy, xa, out[1], out[2], w, b)

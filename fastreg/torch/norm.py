@@ -21,6 +21,14 @@ Memory formats: batch, group and instance norm keep a channels-last input's
 layout (the kernels run ``axis=-1`` on its (N, *spatial, C) storage) and
 return channels-last outputs; layer and RMS norm run on contiguous rows as
 PyTorch's do. Other layouts are copied to contiguous once.
+
+Bytes: for contiguous and channels-last tensors the adapter moves none of its
+own (views in, PyTorch-allocated outputs written in place); the kernels move
+what ``fastreg.norm`` documents. An input or incoming gradient in another
+layout costs one copy (as ``.contiguous()``).
+
+Saved for backward: x, weight, bias, mean, rstd (and y for the fused ReLU),
+as PyTorch's native ops save them.
 """
 
 from __future__ import annotations
