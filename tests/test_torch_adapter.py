@@ -12,7 +12,6 @@ import subprocess
 import sys
 import warnings
 
-import numpy as np
 import pytest
 
 from _assert import assert_close

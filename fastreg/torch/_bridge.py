@@ -91,6 +91,7 @@ def _cuda_support():
     return cupy, dtypes
 
 
+@functools.lru_cache(maxsize=None)
 def _cupy_bfloat16(cupy):
     """The bfloat16 dtype CuPy arrays can hold (ml_dtypes'), or None."""
     try:
