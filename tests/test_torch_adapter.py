@@ -30,6 +30,18 @@ TOL = {torch.float32: {"out": (1e-5, 2e-5), "grad": (1e-4, 1e-4)},
        torch.float64: {"out": (1e-10, 1e-10), "grad": (1e-9, 1e-9)}}
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """PyTorch's OpenMP threads spin after each of its parallel regions and take
+    the cores from the Numba kernels that run next (a separate OpenMP runtime):
+    on a loaded 2-core machine the tests ran 3-4x longer. The comparisons do not
+    depend on PyTorch's thread count."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def _fresh_fallback_warnings():
     """Each test sees the one-time fallback warnings afresh."""
