@@ -646,7 +646,15 @@ def min_max_scale(x, axis, feature_range, data_min, data_max, out):
 
 # --------------------------------------------------------------------------- cross-entropy
 
-@numba.njit(**PARALLEL_JIT)
+# Row sums of the cross-entropy go through _LANES independent accumulators
+# combined in a fixed order: the order is then set by the source alone. (With
+# reassociation allowed, LLVM's vectorized and scalar versions of a loop sum
+# in different orders, and which one runs depends on whether dlogits aliases
+# the logits, so an in-place call would differ from a fresh one.)
+_LANES = 8
+
+
+@numba.njit(**EXACT_JIT)
 def _ce_rows(z, target, keep, on, off, scale, loss, dl):
     """Per row: loss[i] (float64) and dl[i] = scale * (softmax(z[i]) - q), q = off +
     on * onehot(target[i]); rows with keep[i] == 0 get 0. dl may be z itself."""
@@ -654,6 +662,7 @@ def _ce_rows(z, target, keep, on, off, scale, loss, dl):
     c = dl.dtype.type(scale)
     o = dl.dtype.type(off)
     ot = dl.dtype.type(off + on)
+    K8 = K - K % _LANES
     for i in prange(N):
         if not keep[i]:
             loss[i] = 0.0
@@ -661,19 +670,40 @@ def _ce_rows(z, target, keep, on, off, scale, loss, dl):
                 dl[i, j] = 0
             continue
         t = target[i]
-        m = z[i, 0]
+        # pass 1: max and sum of the row
+        mx = np.full(_LANES, z[i, 0])
+        sm = np.zeros(_LANES)
+        for j0 in range(0, K8, _LANES):
+            for u in range(_LANES):
+                v = z[i, j0 + u]
+                mx[u] = v if v > mx[u] else mx[u]
+                sm[u] += v
+        m = mx[0]
         sz = 0.0
-        for j in range(K):
+        for u in range(_LANES):
+            m = mx[u] if mx[u] > m else m
+            sz += sm[u]
+        for j in range(K8, K):
             v = z[i, j]
             m = v if v > m else m
             sz += v
         zt = np.float64(z[i, t])          # read before dl (possibly z) is overwritten
+        # pass 2: e = exp(z - max) into dl, and its sum
+        se = np.zeros(_LANES)
+        for j0 in range(0, K8, _LANES):
+            for u in range(_LANES):
+                e = math.exp(z[i, j0 + u] - m)
+                dl[i, j0 + u] = e
+                se[u] += e
         s = 0.0
-        for j in range(K):
+        for u in range(_LANES):
+            s += se[u]
+        for j in range(K8, K):
             e = math.exp(z[i, j] - m)
             dl[i, j] = e
             s += e
         loss[i] = np.float64(m) + math.log(s) - on * zt - off * sz
+        # pass 3: dl = scale * (e / s - q)
         inv = dl.dtype.type(1.0 / s)
         et = dl[i, t]
         for j in range(K):
