@@ -52,7 +52,8 @@ from ._common import CACHE, PARALLEL_JIT, contiguous, finish
 from ._common import target as writable_target
 
 # Elementwise kernels: no fast-math (see the module docstring).
-EXACT_JIT = dict(nogil=True, cache=CACHE, error_model="numpy", parallel=True)
+SERIAL_EXACT_JIT = dict(nogil=True, cache=CACHE, error_model="numpy")
+EXACT_JIT = dict(SERIAL_EXACT_JIT, parallel=True)
 
 # Elements per chunk of the elementwise kernels (256 KiB of float32 per stream).
 CHUNK = 1 << 16
@@ -75,32 +76,42 @@ def _address(a):
 
 # --------------------------------------------------------------------------- elementwise prox
 
+@numba.njit(**SERIAL_EXACT_JIT)
+def _prox_chunk(x, out, t, t_step, l2, l2_step, shrink, c):
+    """Chunk ``c`` of out = soft(x, t) (/ (1 + l2) when ``shrink``); t and l2 are
+    arrays read with step 0 (one value) or 1 (one per element)."""
+    one = l2.dtype.type(1)
+    lo = c * CHUNK
+    hi = min(x.size, lo + CHUNK)
+    if t_step == 0 and l2_step == 0:
+        th = t[0]
+        den = one + l2[0]
+        for k in range(lo, hi):
+            v = x[k]
+            cl = v if v < th else th
+            cl = cl if cl > -th else -th
+            y = v - cl
+            out[k] = y / den if shrink else y
+    else:
+        for k in range(lo, hi):
+            v = x[k]
+            th = t[k * t_step]
+            cl = v if v < th else th
+            cl = cl if cl > -th else -th
+            y = v - cl
+            out[k] = y / (one + l2[k * l2_step]) if shrink else y
+
+
 @numba.njit(**EXACT_JIT)
 def _prox_flat(x, out, t, t_step, l2, l2_step, shrink):
-    """out = soft(x, t) (/ (1 + l2) when ``shrink``); t and l2 are arrays read
-    with step 0 (one value) or 1 (one per element)."""
-    n = x.size
-    one = l2.dtype.type(1)
-    for c in prange((n + CHUNK - 1) // CHUNK):
-        lo = c * CHUNK
-        hi = min(n, lo + CHUNK)
-        if t_step == 0 and l2_step == 0:
-            th = t[0]
-            den = one + l2[0]
-            for k in range(lo, hi):
-                v = x[k]
-                cl = v if v < th else th
-                cl = cl if cl > -th else -th
-                y = v - cl
-                out[k] = y / den if shrink else y
-        else:
-            for k in range(lo, hi):
-                v = x[k]
-                th = t[k * t_step]
-                cl = v if v < th else th
-                cl = cl if cl > -th else -th
-                y = v - cl
-                out[k] = y / (one + l2[k * l2_step]) if shrink else y
+    for c in prange((x.size + CHUNK - 1) // CHUNK):
+        _prox_chunk(x, out, t, t_step, l2, l2_step, shrink, c)
+
+
+@numba.njit(**SERIAL_EXACT_JIT)
+def _prox_flat_serial(x, out, t, t_step, l2, l2_step, shrink):
+    for c in range((x.size + CHUNK - 1) // CHUNK):
+        _prox_chunk(x, out, t, t_step, l2, l2_step, shrink, c)
 
 
 def _param(p, shape, dtype):
@@ -119,7 +130,8 @@ def _prox(w, l1, l2, out, shrink):
     t, ts = _param(l1, w.shape, dtype)
     d, ds = _param(l2, w.shape, dtype)
     o = writable_target(out) if not (out is w and w.flags.c_contiguous) else out
-    _prox_flat(contiguous(w).reshape(-1), o.reshape(-1), t, ts, d, ds, shrink)
+    kernel = _prox_flat if w.size > CHUNK else _prox_flat_serial
+    kernel(contiguous(w).reshape(-1), o.reshape(-1), t, ts, d, ds, shrink)
     finish(out, o)
 
 
@@ -184,9 +196,9 @@ _SGD_SIGN, _SGD_WD, _SGD_MOM, _SGD_DAMP1, _SGD_DECAY, _SGD_NEGLR, _SGD_T = range
 _SGD_NO_BUFFER, _SGD_FIRST, _SGD_MOMENTUM = range(3)
 
 
-@numba.njit(**EXACT_JIT)
-def _sgd_tensors(addr, sizes, first_chunk, n_chunks, s, mode, coupled, nesterov):
-    """One SGD step (fastreg.prox "Update rules") over every chunk of every tensor.
+@numba.njit(**SERIAL_EXACT_JIT)
+def _sgd_chunk(addr, sizes, first_chunk, c, s, mode, coupled, nesterov):
+    """One SGD step (fastreg.prox "Update rules") over chunk ``c`` of the tensor table.
 
     addr[i] = (w, g, buffer) addresses; ``mode``: no buffer, first step (the
     buffer is only written) or momentum; ``coupled``: weight_decay != 0.
@@ -199,42 +211,53 @@ def _sgd_tensors(addr, sizes, first_chunk, n_chunks, s, mode, coupled, nesterov)
     neglr = s[_SGD_NEGLR]
     th = s[_SGD_T]
     isz = s.itemsize
+    i = np.searchsorted(first_chunk, c, side="right") - 1
+    lo = (c - first_chunk[i]) * CHUNK
+    n = min(CHUNK, sizes[i] - lo)
+    w = numba.carray(_pointer(addr[i, 0] + lo * isz, s), n)
+    g = numba.carray(_pointer(addr[i, 1] + lo * isz, s), n)
+    if mode == _SGD_NO_BUFFER:
+        for k in range(n):
+            x = w[k]
+            d = g[k] * sign
+            if coupled:
+                d = d + wd * x
+            x = x * decay + neglr * d
+            cl = x if x < th else th
+            cl = cl if cl > -th else -th
+            w[k] = x - cl
+    else:
+        b = numba.carray(_pointer(addr[i, 2] + lo * isz, s), n)
+        for k in range(n):
+            x = w[k]
+            d = g[k] * sign
+            if coupled:
+                d = d + wd * x
+            if mode == _SGD_FIRST:
+                bk = d
+            else:
+                bk = b[k] * mom + damp1 * d
+            b[k] = bk
+            if nesterov:
+                d = d + mom * bk
+            else:
+                d = bk
+            x = x * decay + neglr * d
+            cl = x if x < th else th
+            cl = cl if cl > -th else -th
+            w[k] = x - cl
+
+
+@numba.njit(**EXACT_JIT)
+def _sgd_tensors(addr, sizes, first_chunk, n_chunks, s, mode, coupled, nesterov):
     for c in prange(n_chunks):
-        i = np.searchsorted(first_chunk, c, side="right") - 1
-        lo = (c - first_chunk[i]) * CHUNK
-        n = min(CHUNK, sizes[i] - lo)
-        w = numba.carray(_pointer(addr[i, 0] + lo * isz, s), n)
-        g = numba.carray(_pointer(addr[i, 1] + lo * isz, s), n)
-        if mode == _SGD_NO_BUFFER:
-            for k in range(n):
-                x = w[k]
-                d = g[k] * sign
-                if coupled:
-                    d = d + wd * x
-                x = x * decay + neglr * d
-                cl = x if x < th else th
-                cl = cl if cl > -th else -th
-                w[k] = x - cl
-        else:
-            b = numba.carray(_pointer(addr[i, 2] + lo * isz, s), n)
-            for k in range(n):
-                x = w[k]
-                d = g[k] * sign
-                if coupled:
-                    d = d + wd * x
-                if mode == _SGD_FIRST:
-                    bk = d
-                else:
-                    bk = b[k] * mom + damp1 * d
-                b[k] = bk
-                if nesterov:
-                    d = d + mom * bk
-                else:
-                    d = bk
-                x = x * decay + neglr * d
-                cl = x if x < th else th
-                cl = cl if cl > -th else -th
-                w[k] = x - cl
+        _sgd_chunk(addr, sizes, first_chunk, c, s, mode, coupled, nesterov)
+
+
+@numba.njit(**SERIAL_EXACT_JIT)
+def _sgd_tensors_serial(addr, sizes, first_chunk, n_chunks, s, mode, coupled, nesterov):
+    for c in range(n_chunks):
+        _sgd_chunk(addr, sizes, first_chunk, c, s, mode, coupled, nesterov)
 
 
 def sgd_step(ws, gs, bufs, lr, momentum, dampening, nesterov, maximize, weight_decay,
@@ -246,8 +269,9 @@ def sgd_step(ws, gs, bufs, lr, momentum, dampening, nesterov, maximize, weight_d
     values = [-1.0 if maximize else 1.0, weight_decay, momentum, 1.0 - dampening,
               1.0 - lr * decoupled_weight_decay, -lr, lr * l1]
     for dtype, (addr, sizes, first, n_chunks) in tables.items():
-        _sgd_tensors(addr, sizes, first, n_chunks, np.array(values, dtype), mode,
-                     weight_decay != 0, nesterov)
+        kernel = _sgd_tensors if n_chunks > 1 else _sgd_tensors_serial
+        kernel(addr, sizes, first, n_chunks, np.array(values, dtype), mode, weight_decay != 0,
+               nesterov)
     _write_back(copies)
     del keep
 
@@ -258,9 +282,9 @@ def sgd_step(ws, gs, bufs, lr, momentum, dampening, nesterov, maximize, weight_d
  _AD_EPS, _AD_NEG_STEP_SIZE, _AD_T) = range(11)
 
 
-@numba.njit(**EXACT_JIT)
-def _adam_tensors(addr, sizes, first_chunk, n_chunks, s, amsgrad, coupled, lerp_small):
-    """One Adam/AdamW step (fastreg.prox "Update rules") over every chunk of every tensor.
+@numba.njit(**SERIAL_EXACT_JIT)
+def _adam_chunk(addr, sizes, first_chunk, c, s, amsgrad, coupled, lerp_small):
+    """One Adam/AdamW step (fastreg.prox "Update rules") over chunk ``c`` of the tensor table.
 
     addr[i] = (w, g, exp_avg, exp_avg_sq, max_exp_avg_sq) addresses;
     ``coupled``: L2 added to the gradient (the decoupled decay factor is 1
@@ -278,42 +302,53 @@ def _adam_tensors(addr, sizes, first_chunk, n_chunks, s, amsgrad, coupled, lerp_
     negss = s[_AD_NEG_STEP_SIZE]
     th = s[_AD_T]
     isz = s.itemsize
-    for c in prange(n_chunks):
-        i = np.searchsorted(first_chunk, c, side="right") - 1
-        lo = (c - first_chunk[i]) * CHUNK
-        n = min(CHUNK, sizes[i] - lo)
-        w = numba.carray(_pointer(addr[i, 0] + lo * isz, s), n)
-        g = numba.carray(_pointer(addr[i, 1] + lo * isz, s), n)
-        m = numba.carray(_pointer(addr[i, 2] + lo * isz, s), n)
-        v = numba.carray(_pointer(addr[i, 3] + lo * isz, s), n)
-        if amsgrad:
-            vm = numba.carray(_pointer(addr[i, 4] + lo * isz, s), n)
+    i = np.searchsorted(first_chunk, c, side="right") - 1
+    lo = (c - first_chunk[i]) * CHUNK
+    n = min(CHUNK, sizes[i] - lo)
+    w = numba.carray(_pointer(addr[i, 0] + lo * isz, s), n)
+    g = numba.carray(_pointer(addr[i, 1] + lo * isz, s), n)
+    m = numba.carray(_pointer(addr[i, 2] + lo * isz, s), n)
+    v = numba.carray(_pointer(addr[i, 3] + lo * isz, s), n)
+    if amsgrad:
+        vm = numba.carray(_pointer(addr[i, 4] + lo * isz, s), n)
+    else:
+        vm = v
+    for k in range(n):
+        x = w[k]
+        d = g[k] * sign
+        if coupled:
+            d = d + wd * x
+        x = x * decay
+        diff = d - m[k]
+        if lerp_small:
+            mk = m[k] + lw * diff
         else:
-            vm = v
-        for k in range(n):
-            x = w[k]
-            d = g[k] * sign
-            if coupled:
-                d = d + wd * x
-            x = x * decay
-            diff = d - m[k]
-            if lerp_small:
-                mk = m[k] + lw * diff
-            else:
-                mk = d - diff * lw1
-            vk = v[k] * beta2 + (omb2 * d) * d
-            m[k] = mk
-            v[k] = vk
-            if amsgrad:
-                u = vm[k]
-                u = vk if vk > u else u
-                vm[k] = u
-            else:
-                u = vk
-            x = x + (negss * mk) / (math.sqrt(u) / bc2s + eps)
-            cl = x if x < th else th
-            cl = cl if cl > -th else -th
-            w[k] = x - cl
+            mk = d - diff * lw1
+        vk = v[k] * beta2 + (omb2 * d) * d
+        m[k] = mk
+        v[k] = vk
+        if amsgrad:
+            u = vm[k]
+            u = vk if vk > u else u
+            vm[k] = u
+        else:
+            u = vk
+        x = x + (negss * mk) / (math.sqrt(u) / bc2s + eps)
+        cl = x if x < th else th
+        cl = cl if cl > -th else -th
+        w[k] = x - cl
+
+
+@numba.njit(**EXACT_JIT)
+def _adam_tensors(addr, sizes, first_chunk, n_chunks, s, amsgrad, coupled, lerp_small):
+    for c in prange(n_chunks):
+        _adam_chunk(addr, sizes, first_chunk, c, s, amsgrad, coupled, lerp_small)
+
+
+@numba.njit(**SERIAL_EXACT_JIT)
+def _adam_tensors_serial(addr, sizes, first_chunk, n_chunks, s, amsgrad, coupled, lerp_small):
+    for c in range(n_chunks):
+        _adam_chunk(addr, sizes, first_chunk, c, s, amsgrad, coupled, lerp_small)
 
 
 def adam_step(ws, gs, ms, vs, vmaxs, step, lr, beta1, beta2, eps, weight_decay, decoupled,
@@ -328,8 +363,9 @@ def adam_step(ws, gs, ms, vs, vmaxs, step, lr, beta1, beta2, eps, weight_decay, 
         values = [-1.0 if maximize else 1.0, weight_decay if coupled else 0.0, decay, lw,
                   dtype.type(1) - lw, beta2, 1.0 - beta2, math.sqrt(1.0 - beta2 ** step), eps,
                   -(lr / (1.0 - beta1 ** step)), lr * l1]
-        _adam_tensors(addr, sizes, first, n_chunks, np.array(values, dtype), amsgrad, coupled,
-                      abs(lerp_w) < 0.5)
+        kernel = _adam_tensors if n_chunks > 1 else _adam_tensors_serial
+        kernel(addr, sizes, first, n_chunks, np.array(values, dtype), amsgrad, coupled,
+               abs(lerp_w) < 0.5)
     _write_back(copies)
     del keep
 
