@@ -77,41 +77,67 @@ def _address(a):
 # --------------------------------------------------------------------------- elementwise prox
 
 @numba.njit(**SERIAL_EXACT_JIT)
-def _prox_chunk(x, out, t, t_step, l2, l2_step, shrink, c):
-    """Chunk ``c`` of out = soft(x, t) (/ (1 + l2) when ``shrink``); t and l2 are
-    arrays read with step 0 (one value) or 1 (one per element)."""
-    one = l2.dtype.type(1)
-    lo = c * CHUNK
-    hi = min(x.size, lo + CHUNK)
-    if t_step == 0 and l2_step == 0:
-        th = t[0]
-        den = one + l2[0]
-        for k in range(lo, hi):
-            v = x[k]
-            cl = v if v < th else th
-            cl = cl if cl > -th else -th
-            y = v - cl
-            out[k] = y / den if shrink else y
-    else:
-        for k in range(lo, hi):
-            v = x[k]
-            th = t[k * t_step]
-            cl = v if v < th else th
-            cl = cl if cl > -th else -th
-            y = v - cl
-            out[k] = y / (one + l2[k * l2_step]) if shrink else y
-
-
-@numba.njit(**EXACT_JIT)
-def _prox_flat(x, out, t, t_step, l2, l2_step, shrink):
-    for c in prange((x.size + CHUNK - 1) // CHUNK):
-        _prox_chunk(x, out, t, t_step, l2, l2_step, shrink, c)
+def _soft(v, th):
+    """soft(v, th) = v - clamp(v, -th, th): v -+ th outside [-th, th], exactly 0 inside."""
+    cl = v if v < th else th
+    cl = cl if cl > -th else -th
+    return v - cl
 
 
 @numba.njit(**SERIAL_EXACT_JIT)
-def _prox_flat_serial(x, out, t, t_step, l2, l2_step, shrink):
+def _prox_chunk(x, out, t, t_step, l2, l2_step, shrink, inplace, c):
+    """Chunk ``c`` of out = soft(x, t) (/ (1 + l2) when ``shrink``); t and l2 are
+    arrays read with step 0 (one value) or 1 (one per element).
+
+    ``inplace`` (out is x) has its own loops: LLVM vectorizes a loop over two
+    arrays only after a run-time check that they do not overlap, and the same
+    array passed twice fails it, which would leave the in-place call scalar.
+    """
+    one = l2.dtype.type(1)
+    lo = c * CHUNK
+    hi = min(x.size, lo + CHUNK)
+    # loops run over slices from index 0: LLVM then knows no index is negative
+    # (Numba wraps negative indices) and vectorizes
+    xs = x[lo:hi]
+    os_ = out[lo:hi]
+    if t_step == 0 and l2_step == 0:
+        th = t[0]
+        den = one + l2[0]
+        if inplace and shrink:
+            for k in range(xs.size):
+                xs[k] = _soft(xs[k], th) / den
+        elif inplace:
+            for k in range(xs.size):
+                xs[k] = _soft(xs[k], th)
+        elif shrink:
+            for k in range(xs.size):
+                os_[k] = _soft(xs[k], th) / den
+        else:
+            for k in range(xs.size):
+                os_[k] = _soft(xs[k], th)
+    else:
+        ts = t[lo * t_step:hi * t_step + 1 - t_step]
+        ds = l2[lo * l2_step:hi * l2_step + 1 - l2_step]
+        if inplace:
+            for k in range(xs.size):
+                y = _soft(xs[k], ts[k * t_step])
+                xs[k] = y / (one + ds[k * l2_step]) if shrink else y
+        else:
+            for k in range(xs.size):
+                y = _soft(xs[k], ts[k * t_step])
+                os_[k] = y / (one + ds[k * l2_step]) if shrink else y
+
+
+@numba.njit(**EXACT_JIT)
+def _prox_flat(x, out, t, t_step, l2, l2_step, shrink, inplace):
+    for c in prange((x.size + CHUNK - 1) // CHUNK):
+        _prox_chunk(x, out, t, t_step, l2, l2_step, shrink, inplace, c)
+
+
+@numba.njit(**SERIAL_EXACT_JIT)
+def _prox_flat_serial(x, out, t, t_step, l2, l2_step, shrink, inplace):
     for c in range((x.size + CHUNK - 1) // CHUNK):
-        _prox_chunk(x, out, t, t_step, l2, l2_step, shrink, c)
+        _prox_chunk(x, out, t, t_step, l2, l2_step, shrink, inplace, c)
 
 
 def _param(p, shape, dtype):
@@ -129,9 +155,11 @@ def _prox(w, l1, l2, out, shrink):
     dtype = w.dtype
     t, ts = _param(l1, w.shape, dtype)
     d, ds = _param(l2, w.shape, dtype)
-    o = writable_target(out) if not (out is w and w.flags.c_contiguous) else out
+    x = contiguous(w)
+    o = writable_target(out)
+    inplace = np.may_share_memory(x, o)   # validated: then o is x (the same view)
     kernel = _prox_flat if w.size > CHUNK else _prox_flat_serial
-    kernel(contiguous(w).reshape(-1), o.reshape(-1), t, ts, d, ds, shrink)
+    kernel(x.reshape(-1), o.reshape(-1), t, ts, d, ds, shrink, inplace)
     finish(out, o)
 
 
@@ -388,113 +416,124 @@ def _blocks(P, Q, R):
     return q_rows, nqb, nrb
 
 
+@numba.njit(**SERIAL_EXACT_JIT)
+def _task(task, Q, R, q_rows, nqb, nrb):
+    """Task -> (p, Q-block b, r0, r1, q0, q1)."""
+    p = task // (nqb * nrb)
+    b = (task // nrb) % nqb
+    r0 = (task % nrb) * _RBLOCK
+    q0 = b * q_rows
+    return p, b, r0, min(R, r0 + _RBLOCK), q0, min(Q, q0 + q_rows)
+
+
+# The group kernels take x as (P, Q * R) and loop over slices from index 0
+# (see _prox_chunk): row p, Q-block b and R-block [r0, r1) form one task.
+
 @numba.njit(**PARALLEL_JIT)
-def _sumsq_pqr(x, q_rows, nqb, nrb, part):
+def _sumsq_pqr(x, Q, R, q_rows, nqb, nrb, part):
     """part[p, b, r] = sum of x[p, q, r]**2 over the rows q of Q-block b (float64)."""
-    P, Q, R = x.shape
-    for task in prange(P * nqb * nrb):
-        p = task // (nqb * nrb)
-        b = (task // nrb) % nqb
-        r0 = (task % nrb) * _RBLOCK
-        r1 = min(R, r0 + _RBLOCK)
-        q0 = b * q_rows
-        q1 = min(Q, q0 + q_rows)
+    for task in prange(x.shape[0] * nqb * nrb):
+        p, b, r0, r1, q0, q1 = _task(task, Q, R, q_rows, nqb, nrb)
+        row = x[p]
         if R == 1:
+            xs = row[q0:q1]
             s = 0.0
-            for q in range(q0, q1):
-                v = np.float64(x[p, q, 0])
+            for k in range(xs.size):
+                v = np.float64(xs[k])
                 s += v * v
             part[p, b, 0] = s
         else:
-            acc = part[p, b]
-            for r in range(r0, r1):
-                acc[r] = 0.0
+            acc = part[p, b, r0:r1]
+            acc[:] = 0.0
             for q in range(q0, q1):
-                for r in range(r0, r1):
-                    v = np.float64(x[p, q, r])
-                    acc[r] += v * v
+                xs = row[q * R + r0:q * R + r1]
+                for k in range(xs.size):
+                    v = np.float64(xs[k])
+                    acc[k] += v * v
 
 
 @numba.njit(**PARALLEL_JIT)
-def _moments_pqr(x, q_rows, nqb, nrb, part1, part2):
+def _moments_pqr(x, Q, R, q_rows, nqb, nrb, part1, part2):
     """Shifted sums over each Q-block: part1 = sum(x - k), part2 = sum((x - k)**2),
     k = x[p, 0, r] (the group's first element), in float64."""
-    P, Q, R = x.shape
-    for task in prange(P * nqb * nrb):
-        p = task // (nqb * nrb)
-        b = (task // nrb) % nqb
-        r0 = (task % nrb) * _RBLOCK
-        r1 = min(R, r0 + _RBLOCK)
-        q0 = b * q_rows
-        q1 = min(Q, q0 + q_rows)
+    for task in prange(x.shape[0] * nqb * nrb):
+        p, b, r0, r1, q0, q1 = _task(task, Q, R, q_rows, nqb, nrb)
+        row = x[p]
         if R == 1:
-            k = np.float64(x[p, 0, 0])
+            k0 = np.float64(row[0])
+            xs = row[q0:q1]
             s1 = 0.0
             s2 = 0.0
-            for q in range(q0, q1):
-                d = x[p, q, 0] - k
+            for k in range(xs.size):
+                d = xs[k] - k0
                 s1 += d
                 s2 += d * d
             part1[p, b, 0] = s1
             part2[p, b, 0] = s2
         else:
-            a1 = part1[p, b]
-            a2 = part2[p, b]
-            for r in range(r0, r1):
-                a1[r] = 0.0
-                a2[r] = 0.0
+            a1 = part1[p, b, r0:r1]
+            a2 = part2[p, b, r0:r1]
+            a1[:] = 0.0
+            a2[:] = 0.0
+            shift = row[r0:r1]
             for q in range(q0, q1):
-                for r in range(r0, r1):
-                    d = x[p, q, r] - np.float64(x[p, 0, r])
-                    a1[r] += d
-                    a2[r] += d * d
+                xs = row[q * R + r0:q * R + r1]
+                for k in range(xs.size):
+                    d = xs[k] - np.float64(shift[k])
+                    a1[k] += d
+                    a2[k] += d * d
 
 
 @numba.njit(**PARALLEL_JIT)
-def _minmax_pqr(x, q_rows, nqb, nrb, lo_part, hi_part):
+def _minmax_pqr(x, Q, R, q_rows, nqb, nrb, lo_part, hi_part):
     """Minimum and maximum over each Q-block; a NaN makes both NaN."""
-    P, Q, R = x.shape
-    for task in prange(P * nqb * nrb):
-        p = task // (nqb * nrb)
-        b = (task // nrb) % nqb
-        r0 = (task % nrb) * _RBLOCK
-        r1 = min(R, r0 + _RBLOCK)
-        q0 = b * q_rows
-        q1 = min(Q, q0 + q_rows)
-        for r in range(r0, r1):
-            mn = x[p, q0, r]
-            mx = mn
-            for q in range(q0 + 1, q1):
-                v = x[p, q, r]
-                if v < mn or v != v:
-                    mn = v if mn == mn else mn
-                if v > mx or v != v:
-                    mx = v if mx == mx else mx
-            lo_part[p, b, r] = mn
-            hi_part[p, b, r] = mx
+    for task in prange(x.shape[0] * nqb * nrb):
+        p, b, r0, r1, q0, q1 = _task(task, Q, R, q_rows, nqb, nrb)
+        row = x[p]
+        lo = lo_part[p, b, r0:r1]
+        hi = hi_part[p, b, r0:r1]
+        lo[:] = row[q0 * R + r0:q0 * R + r1]
+        hi[:] = lo
+        for q in range(q0 + 1, q1):
+            xs = row[q * R + r0:q * R + r1]
+            for k in range(xs.size):
+                v = xs[k]
+                if v < lo[k] or v != v:
+                    lo[k] = v if lo[k] == lo[k] else lo[k]
+                if v > hi[k] or v != v:
+                    hi[k] = v if hi[k] == hi[k] else hi[k]
 
 
 @numba.njit(**EXACT_JIT)
-def _affine_pqr(x, shift, scale, offset, q_rows, nqb, nrb, y):
-    """y[p, q, r] = (x[p, q, r] - shift[p, r]) * scale[p, r] + offset[p, r]."""
-    P, Q, R = x.shape
-    for task in prange(P * nqb * nrb):
-        p = task // (nqb * nrb)
-        b = (task // nrb) % nqb
-        r0 = (task % nrb) * _RBLOCK
-        r1 = min(R, r0 + _RBLOCK)
-        q0 = b * q_rows
-        q1 = min(Q, q0 + q_rows)
+def _affine_pqr(x, Q, R, shift, scale, offset, q_rows, nqb, nrb, y, inplace):
+    """y[p, q, r] = (x[p, q, r] - shift[p, r]) * scale[p, r] + offset[p, r]; with
+    ``inplace`` (y is x) x is rewritten through x alone (see _prox_chunk)."""
+    for task in prange(x.shape[0] * nqb * nrb):
+        p, b, r0, r1, q0, q1 = _task(task, Q, R, q_rows, nqb, nrb)
+        row = x[p]
+        out = y[p]
+        sh = shift[p, r0:r1]
+        sc = scale[p, r0:r1]
+        of = offset[p, r0:r1]
         if R == 1:
-            sh = shift[p, 0]
-            sc = scale[p, 0]
-            of = offset[p, 0]
-            for q in range(q0, q1):
-                y[p, q, 0] = (x[p, q, 0] - sh) * sc + of
+            xs = row[q0:q1]
+            ys = out[q0:q1]
+            if inplace:
+                for k in range(xs.size):
+                    xs[k] = (xs[k] - sh[0]) * sc[0] + of[0]
+            else:
+                for k in range(xs.size):
+                    ys[k] = (xs[k] - sh[0]) * sc[0] + of[0]
         else:
             for q in range(q0, q1):
-                for r in range(r0, r1):
-                    y[p, q, r] = (x[p, q, r] - shift[p, r]) * scale[p, r] + offset[p, r]
+                xs = row[q * R + r0:q * R + r1]
+                ys = out[q * R + r0:q * R + r1]
+                if inplace:
+                    for k in range(xs.size):
+                        xs[k] = (xs[k] - sh[k]) * sc[k] + of[k]
+                else:
+                    for k in range(xs.size):
+                        ys[k] = (xs[k] - sh[k]) * sc[k] + of[k]
 
 
 class _Groups:
@@ -552,7 +591,7 @@ class _Groups:
         P, Q, R = self.shape3
         q_rows, nqb, nrb = self.blocks
         part = np.empty((P, nqb, R), np.float64)
-        _sumsq_pqr(x3, q_rows, nqb, nrb, part)
+        _sumsq_pqr(x3.reshape(P, Q * R), Q, R, q_rows, nqb, nrb, part)
         return _sum_blocks(part)
 
     def moments(self, x3):
@@ -561,7 +600,7 @@ class _Groups:
         q_rows, nqb, nrb = self.blocks
         p1 = np.empty((P, nqb, R), np.float64)
         p2 = np.empty((P, nqb, R), np.float64)
-        _moments_pqr(x3, q_rows, nqb, nrb, p1, p2)
+        _moments_pqr(x3.reshape(P, Q * R), Q, R, q_rows, nqb, nrb, p1, p2)
         s1, s2 = _sum_blocks(p1), _sum_blocks(p2)
         m1 = s1 / Q
         var = np.maximum(s2 / Q - m1 * m1, 0.0)
@@ -573,14 +612,16 @@ class _Groups:
         q_rows, nqb, nrb = self.blocks
         lo = np.empty((P, nqb, R), x3.dtype)
         hi = np.empty((P, nqb, R), x3.dtype)
-        _minmax_pqr(x3, q_rows, nqb, nrb, lo, hi)
+        _minmax_pqr(x3.reshape(P, Q * R), Q, R, q_rows, nqb, nrb, lo, hi)
         return lo.min(axis=1), hi.max(axis=1)
 
     def apply(self, x3, shift, scale, offset, y3):
+        P, Q, R = self.shape3
         q_rows, nqb, nrb = self.blocks
         dt = x3.dtype
-        _affine_pqr(x3, np.ascontiguousarray(shift, dt), np.ascontiguousarray(scale, dt),
-                    np.ascontiguousarray(offset, dt), q_rows, nqb, nrb, y3)
+        _affine_pqr(x3.reshape(P, Q * R), Q, R, np.ascontiguousarray(shift, dt),
+                    np.ascontiguousarray(scale, dt), np.ascontiguousarray(offset, dt),
+                    q_rows, nqb, nrb, y3.reshape(P, Q * R), np.may_share_memory(x3, y3))
 
 
 def _sum_blocks(part):
