@@ -322,7 +322,7 @@ def _ce_inputs(rng, shape, dtype, opts):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_ids)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-@pytest.mark.parametrize("smoothing", [0.0, 0.1, 1.0])
+@pytest.mark.parametrize("smoothing", [0.0, 0.25])
 @pytest.mark.parametrize("shape,opts,style", CE_PARAMS,
                          ids=[f"{s}-{o}-{st}" for s, o, st in CE_PARAMS])
 def test_cross_entropy_matches_reference(shape, opts, style, smoothing, reduction, dtype, rng):
