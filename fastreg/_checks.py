@@ -293,6 +293,8 @@ def inplace_out(caller, out_arg, x, *, name, inputs):
 
 def _byte_bounds(a):
     lo = hi = _address(a)
+    if a.flags.c_contiguous:
+        return lo, lo + a.nbytes
     for n, s in zip(a.shape, a.strides):
         if n == 0:
             return lo, lo

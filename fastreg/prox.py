@@ -284,26 +284,35 @@ def _check_tensors(caller, backend, ws, listed, state, written):
     ``state`` maps names to lists of arrays (None where the state is unused);
     the names in ``written`` are updated in place. Every array must have its
     parameter's shape and dtype; nothing may share memory with anything else.
+    The common case (NumPy arrays that pass) costs a few attribute reads per
+    array; the detailed checks run only to word an error.
     """
     if listed and len(ws) == 0:
         return None
     label = (lambda name, i: f"{name}[{i}]") if listed else (lambda name, i: name)
-    impl = None
+    columns = [(k, v) for k, v in state.items() if v is not None]
+    arrays = [ws] + [v for _, v in columns]
+    if not all(type(a) is np.ndarray for col in arrays for a in col):
+        for i, w in enumerate(ws):             # mixed or non-NumPy: the generic checks
+            _checks.same_kind(caller, **{label("w", i): w},
+                              **{label(k, i): v[i] for k, v in columns})
+            _backend.dtypes("prox", w, *(v[i] for _, v in columns), backend=backend,
+                            caller=caller)
+    impl, dtypes = _backend.dtypes("prox", ws[0], backend=backend, caller=caller)
     named = []
     for i, w in enumerate(ws):
-        lw = label("w", i)
-        others = {k: v[i] for k, v in state.items() if v is not None}
-        _checks.same_kind(caller, **{lw: w}, **{label(k, i): a for k, a in others.items()})
-        mod, dtypes = _backend.dtypes("prox", w, *others.values(), backend=backend, caller=caller)
-        impl = impl or mod
-        _checks.array(lw, w, caller=caller, dtypes=dtypes)
-        if not _checks._writeable(w):
-            raise ValueError(f"{caller}: '{lw}' must be writeable (it is updated in place), "
-                             "got a read-only array.")
-        named.append((lw, w))
-        for k, a in others.items():
-            _checks.like(label(k, i), a, caller=caller, shape=w.shape, dtype=w.dtype,
-                         writeable=k in written, none_ok=False)
+        if w.dtype not in dtypes:
+            _checks.array(label("w", i), w, caller=caller, dtypes=dtypes)
+        if not w.flags.writeable:
+            raise ValueError(f"{caller}: '{label('w', i)}' must be writeable (it is updated "
+                             "in place), got a read-only array.")
+        named.append((label("w", i), w))
+        for k, v in columns:
+            a = v[i]
+            if (type(a) is not np.ndarray or a.shape != w.shape or a.dtype != w.dtype
+                    or (k in written and not a.flags.writeable)):
+                _checks.like(label(k, i), a, caller=caller, shape=w.shape, dtype=w.dtype,
+                             writeable=k in written, none_ok=False)
             named.append((label(k, i), a))
     _checks.disjoint(caller, named)
     return impl

@@ -58,6 +58,11 @@ EXACT_JIT = dict(SERIAL_EXACT_JIT, parallel=True)
 # Elements per chunk of the elementwise kernels (256 KiB of float32 per stream).
 CHUNK = 1 << 16
 
+# Up to this many elements in all, a call runs on the calling thread: waking
+# Numba's thread pool costs more than the work (the chunks and results are the
+# same either way).
+_SERIAL_ELEMENTS = 1 << 17
+
 
 @intrinsic
 def _pointer(typingctx, address, like):
@@ -158,7 +163,7 @@ def _prox(w, l1, l2, out, shrink):
     x = contiguous(w)
     o = writable_target(out)
     inplace = np.may_share_memory(x, o)   # validated: then o is x (the same view)
-    kernel = _prox_flat if w.size > CHUNK else _prox_flat_serial
+    kernel = _prox_flat if w.size > _SERIAL_ELEMENTS else _prox_flat_serial
     kernel(x.reshape(-1), o.reshape(-1), t, ts, d, ds, shrink, inplace)
     finish(out, o)
 
@@ -297,7 +302,7 @@ def sgd_step(ws, gs, bufs, lr, momentum, dampening, nesterov, maximize, weight_d
     values = [-1.0 if maximize else 1.0, weight_decay, momentum, 1.0 - dampening,
               1.0 - lr * decoupled_weight_decay, -lr, lr * l1]
     for dtype, (addr, sizes, first, n_chunks) in tables.items():
-        kernel = _sgd_tensors if n_chunks > 1 else _sgd_tensors_serial
+        kernel = _sgd_tensors if sizes.sum() > _SERIAL_ELEMENTS else _sgd_tensors_serial
         kernel(addr, sizes, first, n_chunks, np.array(values, dtype), mode, weight_decay != 0,
                nesterov)
     _write_back(copies)
@@ -391,7 +396,7 @@ def adam_step(ws, gs, ms, vs, vmaxs, step, lr, beta1, beta2, eps, weight_decay, 
         values = [-1.0 if maximize else 1.0, weight_decay if coupled else 0.0, decay, lw,
                   dtype.type(1) - lw, beta2, 1.0 - beta2, math.sqrt(1.0 - beta2 ** step), eps,
                   -(lr / (1.0 - beta1 ** step)), lr * l1]
-        kernel = _adam_tensors if n_chunks > 1 else _adam_tensors_serial
+        kernel = _adam_tensors if sizes.sum() > _SERIAL_ELEMENTS else _adam_tensors_serial
         kernel(addr, sizes, first, n_chunks, np.array(values, dtype), amsgrad, coupled,
                abs(lerp_w) < 0.5)
     _write_back(copies)
