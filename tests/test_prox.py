@@ -410,3 +410,19 @@ def test_scaling_constant_features(dtype, rng):
     y, lo, hi = fastreg.min_max_scale(x, axis=0, feature_range=(-2.0, 5.0))
     assert np.all(y[:, [0, 2]] == -2.0)
     assert np.allclose(y[:, [1, 3]].min(axis=0), -2) and np.allclose(y[:, [1, 3]].max(axis=0), 5)
+
+
+def test_float32_exp_of_the_cross_entropy_kernel_is_accurate():
+    """The vectorizable exp used for float32 rows: within 2 ulp of the exact value down
+    to exp(-87), and below 2e-38 beyond (a negligible softmax term next to exp(0) = 1)."""
+    from fastreg.cpu.prox import _E_BLOCK, _exp_row_f32
+    x = np.concatenate([np.linspace(-87, 0, 1_000_001), np.linspace(-200, -87, 1001),
+                        [0.0, -1e-30, -0.5, -np.log(2)]]).astype(np.float32)
+    e = np.empty_like(x)
+    _exp_row_f32(x, np.float32(0), e, np.empty(_E_BLOCK, np.int32))
+    exact = np.exp(x.astype(np.float64))
+    inside = x >= -87
+    ulp = np.spacing(exact[inside].astype(np.float32)).astype(np.float64)
+    assert np.max(np.abs(e[inside] - exact[inside]) / ulp) <= 2.0
+    assert np.all((e[~inside] >= 0) & (e[~inside] < 2e-38))
+    assert e[-4] == 1.0
