@@ -33,7 +33,9 @@ contiguous copy. Statistics accumulate in float64 over fixed blocks of Q
 (set by the shape, never by the thread count) into partials that are
 combined in block order; then one pass writes ``y = (x - shift) * scale +
 offset`` with per-group coefficients formed on the host. Memory sees x read
-twice (statistics, then y) unless a group fits in cache.
+twice (statistics, then y) unless a group fits in cache. Group lasso and
+max-norm over contiguous rows of up to 1 MiB take one pass instead
+(``_norm_scale_rows``: a row's norm, then its rescaling while it is in L2).
 
 Cross-entropy: one row per ``prange`` iteration; the row (K * itemsize
 bytes) stays in L2 across its three passes (max and sum; exp stored into
@@ -664,7 +666,59 @@ def _as_groups(values, x, axis):
     return v.reshape(keep)
 
 
+# Rows up to this many bytes are rescaled by _norm_scale_rows, one row per
+# task: the row is still in L2 when it is written, so memory sees w read once.
+_ROW_BYTES = 1 << 20
+_GROUP_L1, _MAX_NORM = 0, 1
+
+
+@numba.njit(**PARALLEL_JIT)
+def _norm_scale_rows(x, t, max_value, eps, mode, y, inplace):
+    """Per row of x (G, S): n = |x_g| (float64), then y_g = x_g * scale with
+    group lasso's max(0, 1 - t_g / n) (mode _GROUP_L1) or max-norm's
+    min(n, max_value) / (n + eps) (mode _MAX_NORM); see _prox_chunk for ``inplace``."""
+    for g in prange(x.shape[0]):
+        xs = x[g]
+        ss = 0.0
+        for k in range(xs.size):
+            v = np.float64(xs[k])
+            ss += v * v
+        n = math.sqrt(ss)
+        if mode == _GROUP_L1:
+            scale = 0.0 if n <= t[g] else 1.0 - t[g] / n   # NaN n: NaN scale
+        elif n + eps == 0.0:
+            scale = 1.0
+        else:
+            scale = (max_value if n > max_value else n) / (n + eps)
+        sc = xs.dtype.type(scale)
+        if inplace:
+            for k in range(xs.size):
+                xs[k] = xs[k] * sc
+        else:
+            ys = y[g]
+            for k in range(xs.size):
+                ys[k] = xs[k] * sc
+
+
+def _rows_fused(w, axis, out, t, max_value, eps, mode):
+    """The one-pass row kernel when the groups are contiguous rows that fit in L2;
+    False when the layout needs the general path."""
+    groups = _Groups(w, axis)
+    P, Q, R = groups.shape3
+    if groups.perm is not None or R != 1 or P < 2 or Q * w.itemsize > _ROW_BYTES:
+        return False
+    x2 = contiguous(w).reshape(P, Q)
+    o = writable_target(out)
+    tv = np.ascontiguousarray(groups.from_stats(_as_groups(t, w, axis), np.float64).reshape(P))
+    _norm_scale_rows(x2, tv, max_value, eps, mode, o.reshape(P, Q), np.may_share_memory(x2, o))
+    finish(out, o)
+    return True
+
+
 def prox_group_l1(w, threshold, axis, out):
+    if _rows_fused(w, axis, out, threshold, 0.0, 0.0, _GROUP_L1):
+        return
+
     def coefficients(groups, x3):
         n = np.sqrt(groups.sumsq(x3))
         t = groups.from_stats(_as_groups(threshold, w, axis), np.float64)
@@ -676,6 +730,9 @@ def prox_group_l1(w, threshold, axis, out):
 
 
 def max_norm(w, max_value, axis, eps, out):
+    if _rows_fused(w, axis, out, 0.0, max_value, eps, _MAX_NORM):
+        return
+
     def coefficients(groups, x3):
         n = np.sqrt(groups.sumsq(x3))
         with np.errstate(divide="ignore", invalid="ignore"):
