@@ -47,6 +47,10 @@ The L1 prox with threshold ``lr * l1`` is the proximal-gradient step for the
 penalty ``l1 * |w|_1``: elements end exactly at zero, where a subgradient
 ``l1 * sign(w)`` added to the gradient would oscillate around it.
 
+Another backend reproduces the CPU results bit for bit when it rounds every
+operation as written: in CUDA, ``__fmul_rn``/``__fadd_rn`` (or ``--fmad=false``)
+keep nvcc from contracting ``a * b + c`` into one fused multiply-add.
+
 Conventions
 -----------
 - dtypes float32 and float64 on the CPU. Optimizer state (momentum buffer,

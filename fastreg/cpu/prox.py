@@ -10,7 +10,11 @@ a fused multiply-add. Every element's result is then the same whether it
 lands in a vector body or a scalar remainder, whichever thread runs it, and
 whether its tensor came alone or in a list. Scalars are formed in float64
 on the host and rounded once to the dtype; the kernels contain no float
-literals, which would promote float32 arithmetic to float64.
+literals, which would promote float32 arithmetic to float64. Loops run over
+slices from index 0 (Numba wraps negative indices, and LLVM vectorizes only
+where it sees that no index is negative), and an in-place call has loops of
+its own (a loop over two arrays is vectorized after a run-time check that
+they do not overlap, which the same array passed twice fails).
 
 Optimizer steps over many tensors: the host builds a table of the tensors'
 addresses and sizes (one row per tensor, one column per stream: w, g, state)
