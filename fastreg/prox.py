@@ -48,8 +48,10 @@ penalty ``l1 * |w|_1``: elements end exactly at zero, where a subgradient
 ``l1 * sign(w)`` added to the gradient would oscillate around it.
 
 Another backend reproduces the CPU results bit for bit when it rounds every
-operation as written: in CUDA, ``__fmul_rn``/``__fadd_rn`` (or ``--fmad=false``)
-keep nvcc from contracting ``a * b + c`` into one fused multiply-add.
+operation as written, with IEEE division and square root: in CUDA,
+``__fmul_rn``/``__fadd_rn`` (or ``--fmad=false``) keep the compiler from
+contracting ``a * b + c`` into one fused multiply-add; denormal results
+differ where the GPU flushes them to zero (CuPy compiles with ``-ftz=true``).
 
 Conventions
 -----------
