@@ -3,7 +3,12 @@
 from ._backend import use_backend
 from .norm import (
     batch_norm,
+    batch_norm_apply,
     batch_norm_backward,
+    batch_norm_backward_apply,
+    batch_norm_backward_reduce,
+    batch_norm_combine,
+    batch_norm_stats,
     group_norm,
     group_norm_backward,
     instance_norm,
@@ -33,6 +38,8 @@ __all__ = [
     "layer_norm", "layer_norm_backward",
     "rms_norm", "rms_norm_backward",
     "batch_norm", "batch_norm_backward",
+    "batch_norm_stats", "batch_norm_combine", "batch_norm_apply",
+    "batch_norm_backward_reduce", "batch_norm_backward_apply",
     "group_norm", "group_norm_backward",
     "instance_norm", "instance_norm_backward",
     "prox_l1", "prox_elastic_net", "prox_group_l1", "max_norm",

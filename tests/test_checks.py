@@ -103,9 +103,11 @@ class _FakeCupyArray:
 _FakeCupyArray.__name__ = "ndarray"
 
 
-def test_cupy_arrays_get_a_clear_error_until_the_gpu_backend_exists():
-    with pytest.raises(RuntimeError, match="'cuda' backend for cupy arrays is not available"):
-        fastreg.layer_norm(_FakeCupyArray())
+def test_cupy_arrays_go_to_the_cuda_backend():
+    from fastreg import _backend
+    assert _backend.select("norm", _FakeCupyArray()).__name__ == "fastreg.cuda.norm"
+    with pytest.raises(RuntimeError, match="batch_norm: the 'cuda' backend does not implement"):
+        fastreg.batch_norm(_FakeCupyArray())
 
 
 def test_mixed_libraries_raise_type_error(x):
