@@ -169,11 +169,15 @@ class _FakeCupyArray:
 _FakeCupyArray.__name__ = "ndarray"
 
 
-def test_cupy_arrays_get_a_clear_error_until_the_gpu_backend_exists():
-    with pytest.raises(RuntimeError, match="'cuda' backend for cupy arrays is not available"):
+def test_gpu_backends_raise_a_clear_error_until_the_prox_kernels_exist():
+    with pytest.raises(RuntimeError, match="prox_l1: the 'cuda' backend does not implement"):
         fastreg.prox_l1(_FakeCupyArray(), 0.1)
-    with pytest.raises(RuntimeError, match="'cuda' backend"):
+    with pytest.raises(RuntimeError, match="sgd_step: the 'cuda' backend does not implement"):
         fastreg.sgd_step(_FakeCupyArray(), _FakeCupyArray(), lr=0.1)
+    w = arr(3)
+    with pytest.raises(RuntimeError, match="adamw_step: the 'cuda_emulator' backend does not"):
+        fastreg.adamw_step(w, arr(3), arr(3), arr(3), step=1, lr=0.1, backend="cuda_emulator")
+    assert np.all(w == 0.5)
 
 
 def test_mixed_libraries_raise_type_error():
