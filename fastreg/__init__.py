@@ -18,6 +18,18 @@ from .norm import (
     rms_norm,
     rms_norm_backward,
 )
+from .prox import (
+    adam_step,
+    adamw_step,
+    cross_entropy_label_smoothing,
+    max_norm,
+    min_max_scale,
+    prox_elastic_net,
+    prox_group_l1,
+    prox_l1,
+    sgd_step,
+    standardize,
+)
 
 __version__ = "0.1.0"
 
@@ -30,4 +42,7 @@ __all__ = [
     "batch_norm_backward_reduce", "batch_norm_backward_apply",
     "group_norm", "group_norm_backward",
     "instance_norm", "instance_norm_backward",
+    "prox_l1", "prox_elastic_net", "prox_group_l1", "max_norm",
+    "sgd_step", "adam_step", "adamw_step",
+    "cross_entropy_label_smoothing", "standardize", "min_max_scale",
 ]
