@@ -39,15 +39,11 @@ through a temporary.
 
 from __future__ import annotations
 
-import ml_dtypes
 import numpy as np
 
-from . import _device
+from . import TAGS, VEC, _device  # noqa: F401 - TAGS and VEC are part of this module's interface
 
 MODULE = "norm"
-TAGS = {np.dtype(np.float16): "f16", np.dtype(ml_dtypes.bfloat16): "bf16",
-        np.dtype(np.float32): "f32", np.dtype(np.float64): "f64"}
-VEC = {"f16": 8, "bf16": 8, "f32": 4, "f64": 2}  # elements per 16 bytes
 
 # (K, largest block) of the register-path instances, as instantiated at the end of
 # kernels/norm.cu: the block bound sets the register budget.
