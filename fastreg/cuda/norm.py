@@ -60,10 +60,9 @@ SUM_THREADS = 256             # norm_sum_partials, one column per thread
 H100_SMS = 132                # backward grid: one resident wave on an H100 (see above)
 LOOP_PARTIAL_ROWS = 256       # loop path: at most this many partial rows
 
-# Ops of this family without CUDA kernels yet: the dispatcher refuses them by
-# name (fastreg._backend.select) instead of falling back to another backend.
-UNSUPPORTED = frozenset({"batch_norm", "batch_norm_backward", "group_norm",
-                         "group_norm_backward", "instance_norm", "instance_norm_backward"})
+# Ops of this family without CUDA kernels: the dispatcher refuses them by name
+# (fastreg._backend.select) instead of falling back to another backend. None left.
+UNSUPPORTED = frozenset()
 
 
 def kernel_names():
@@ -220,3 +219,11 @@ def rms_norm_backward(dy, x, rstd, weight, normalized_ndim, out):
     dx, dweight = out
     _row_backward("rms_norm", dy, x, None, rstd, weight, normalized_ndim, dx, dweight, None)
 
+
+# Batch and group norm live in their own modules (kernels/batch_norm.cu and
+# kernels/group_norm.cu); this module is the family's single entry point, as
+# fastreg/cpu/norm.py is. Instance norm is group norm with G = C (fastreg.norm).
+from ._batch_norm import (  # noqa: E402,F401
+    batch_norm, batch_norm_backward, batch_norm_backward_apply, batch_norm_backward_reduce,
+    batch_norm_combine, batch_norm_stats)
+from ._group_norm import group_norm, group_norm_backward  # noqa: E402,F401
