@@ -36,6 +36,30 @@ MODULE = "batch_norm"
 F64 = np.dtype(np.float64)
 
 
+def kernel_names():
+    """Every kernel the launchers may launch (the compile checks cover each)."""
+    names = []
+    for tag in TAGS.values():
+        split = tag != "f64"  # float64 input: the split steps use the kernels below
+        for prefix in [f"batch_norm_fwd_{tag}_stats"] + ([f"batch_norm_stats_{tag}"] if split
+                                                         else []):
+            names += [f"{prefix}_chunks", f"{prefix}_rows", f"{prefix}_merge"]
+        for prefix in [f"batch_norm_bwd_{tag}_reduce"] + (
+                [f"batch_norm_backward_reduce_{tag}"] if split else []):
+            names += [f"{prefix}_chunks", f"{prefix}_rows"]
+        for direction in ("fwd", "bwd"):
+            names += [f"batch_norm_{direction}_{tag}_coef",
+                      f"batch_norm_{direction}_{tag}_apply_chunks",
+                      f"batch_norm_{direction}_{tag}_apply_rows"]
+    return names + ["batch_norm_bwd_merge_p32", "batch_norm_bwd_merge_p64",
+                    "batch_norm_combine_f64"]
+
+
+def hot_kernel_names():
+    """The kernels that stream x (the chunk and row kernels)."""
+    return [n for n in kernel_names() if n.endswith(("_chunks", "_rows"))]
+
+
 def _view(dev, tag, A, C, B, itemsize, arrays):
     """The chunk or the row kernels for an (A, C, B) view."""
     if B * itemsize >= CHUNK_MIN_BYTES:

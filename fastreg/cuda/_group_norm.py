@@ -37,6 +37,22 @@ F64 = np.dtype(np.float64)
 GROUP_THREADS = 512  # the groups kernels' largest block
 
 
+def kernel_names():
+    """Every kernel the launchers may launch (the compile checks cover each)."""
+    names = []
+    for tag in TAGS.values():
+        names += [f"group_norm_fwd_{tag}_{k}" for k in ("groups", "stats_rows", "stats_merge",
+                                                      "coef", "apply_rows")]
+        names += [f"group_norm_bwd_{tag}_{k}" for k in ("groups", "reduce_rows", "coef",
+                                                      "apply_rows", "params")]
+    return names
+
+
+def hot_kernel_names():
+    """The kernels that stream x (the groups and row kernels)."""
+    return [n for n in kernel_names() if n.endswith(("_groups", "_rows"))]
+
+
 def group_threads(U, Cg):
     """(R, blockDim) of the groups kernels for channels of U units and Cg channels a group."""
     r_max = min(GROUP_THREADS, max(32, next_pow2(U)))
