@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from _assert import assert_bitwise, assert_close
-from _cuda_targets import (DTYPES, TARGETS, _check, _host, _poisoned, _references, _run,
+from _cuda_targets import (DTYPES, GPU, TARGETS, _check, _host, _poisoned, _references, _run,
                            _snapshot, _to, needs_emulator)
 from cases import BATCH_NORM, GROUP_NORM, INSTANCE_NORM, make_array
 
@@ -295,3 +295,55 @@ def test_relu_backward_passes_gradient_where_the_output_was_positive(target, rng
     mask = _host(y) > 0
     assert np.array_equal(_host(dx_relu)[~mask], np.zeros((~mask).sum(), np.float32))
     assert np.array_equal(_host(dx_relu)[mask], _host(dx_plain)[mask])
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_non_contiguous_outputs_are_written_through(target, rng):
+    """out= views that are not contiguous in any axis order get a temporary and a copy."""
+    import fastreg
+    from _cuda_targets import _xp
+    xp = _xp(target)
+    shape = (3, 4, 5, 6)
+    x = rng.standard_normal(shape).astype(np.float32)
+    dy = rng.standard_normal(shape).astype(np.float32)
+    for fn, bwd, args in ((fastreg.batch_norm, fastreg.batch_norm_backward, ()),
+                          (fastreg.group_norm, fastreg.group_norm_backward, (2,))):
+        ref = fn(x, *args, backend="reference")
+        refb = bwd(dy, x, ref[1], ref[2], *args, backend="reference")
+        y = xp.full((3, 4, 5, 12), np.nan, np.float32)[..., ::2]
+        dx = xp.full((3, 4, 5, 12), np.nan, np.float32)[..., ::2]
+        _, m, r = fn(_to(target, x), *args, backend=target, out=(y, None, None))
+        bwd(_to(target, dy), _to(target, x), m, r, *args, backend=target, out=(dx, None, None))
+        assert_close(_host(y), ref[0], rtol=2e-5, atol=2e-5, case=f"{fn.__name__} strided y")
+        assert_close(_host(dx), refb[0], rtol=1e-4, atol=1e-4, case=f"{fn.__name__} strided dx")
+
+
+# --------------------------------------------------------------------------- real hardware
+
+@pytest.mark.skipif(not GPU, reason="needs CuPy and a CUDA device")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+def test_matches_torch_on_the_same_device(layout, dtype):
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("torch without CUDA")
+    import cupy
+    import fastreg
+    F, tdt = torch.nn.functional, getattr(torch, dtype)
+    fmt = torch.channels_last if layout == "nhwc" else torch.contiguous_format
+    xt = torch.randn(6, 32, 14, 14, device="cuda", dtype=tdt).to(memory_format=fmt)
+    wt, bt = (torch.randn(32, device="cuda", dtype=tdt) for _ in range(2))
+    x, w, b = (cupy.from_dlpack(t) for t in (xt, wt, bt))
+    atol = {"float32": 1e-4, "bfloat16": 8e-2, "float16": 1e-2}[dtype]
+    rm, rv = torch.zeros(32, device="cuda"), torch.ones(32, device="cuda")
+    crm, crv = cupy.zeros(32, cupy.float32), cupy.ones(32, cupy.float32)
+    y = fastreg.batch_norm(x, w, b, crm, crv)[0]
+    yt = F.batch_norm(xt, rm, rv, wt, bt, training=True)
+    assert (torch.from_dlpack(y).float() - yt.float()).abs().max().item() <= atol
+    assert (torch.from_dlpack(crv) - rv).abs().max().item() <= 1e-5
+    y = fastreg.group_norm(x, 8, w, b)[0]
+    yt = F.group_norm(xt, 8, wt, bt)
+    assert (torch.from_dlpack(y).float() - yt.float()).abs().max().item() <= atol
+    y = fastreg.instance_norm(x, w, b)[0]
+    yt = F.instance_norm(xt, weight=wt, bias=bt)
+    assert (torch.from_dlpack(y).float() - yt.float()).abs().max().item() <= atol
