@@ -18,8 +18,10 @@
 
 The case table, byte counts and report formatting are plain Python (tested in
 CI by tests/test_gpu_check.py); everything that needs CuPy or torch is
-imported inside the functions that time. Ops are rows of ``OPS``: batch,
-group and instance norm add their own ``OpBench`` subclasses and entries.
+imported inside the functions that time. Ops are rows of ``OPS``, each an
+``OpBench`` subclass: layer and RMS norm (rows), batch norm (NCHW and NHWC,
+training with running statistics, fused forward/backward against ATen's
+native ops), group norm (NCHW and NHWC, G = 32) and instance norm.
 """
 
 from __future__ import annotations
@@ -37,7 +39,8 @@ import sys
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-EPS = {"layer_norm": 1e-5, "rms_norm": 1e-6}
+EPS = {"layer_norm": 1e-5, "rms_norm": 1e-6, "batch_norm": 1e-5, "group_norm": 1e-5,
+       "instance_norm": 1e-5}
 
 # The issue's targets (H100, GB/s over the minimal bytes), by (op, direction, dtype).
 TARGETS = {
@@ -45,7 +48,23 @@ TARGETS = {
     ("rms_norm", "fwd", "float32"): 2850, ("rms_norm", "bwd", "float32"): 2400,
     ("layer_norm", "fwd", "bfloat16"): 2700, ("rms_norm", "fwd", "bfloat16"): 2700,
     ("layer_norm", "bwd", "bfloat16"): 2200, ("rms_norm", "bwd", "bfloat16"): 2200,
+    ("group_norm", "fwd", "float32", "nhwc"): 2400, ("group_norm", "fwd", "bfloat16", "nhwc"): 2400,
+    ("group_norm", "fwd", "float32", "nchw"): 2400, ("group_norm", "bwd", "float32", "nchw"): 2200,
 }
+# Targets stated as speed-ups over torch (peer ms / fastreg ms), by (op, direction, dtype, layout).
+RATIO_TARGETS = {
+    ("batch_norm", "fwd", "float32", "nchw"): 2.0, ("batch_norm", "fwd", "bfloat16", "nchw"): 4.0,
+    ("batch_norm", "bwd", "float32", "nchw"): 2.5, ("batch_norm", "bwd", "bfloat16", "nchw"): 2.5,
+    ("batch_norm", "fwd", "float32", "nhwc"): 1.2, ("batch_norm", "fwd", "bfloat16", "nhwc"): 1.2,
+    ("batch_norm", "bwd", "float32", "nhwc"): 1.2, ("batch_norm", "bwd", "bfloat16", "nhwc"): 1.2,
+}
+
+
+def target_of(case):
+    """(GB/s target or None, speed-up over torch target or None) of a case."""
+    gbs = TARGETS.get((case.op, case.direction, case.dtype, case.layout)) or \
+        TARGETS.get((case.op, case.direction, case.dtype))
+    return gbs, RATIO_TARGETS.get((case.op, case.direction, case.dtype, case.layout))
 
 
 # =========================================================================== cases
@@ -56,10 +75,13 @@ class Case:
     direction: str          # "fwd" or "bwd"
     shape: tuple
     dtype: str              # "float32", "bfloat16", "float16", "float64"
+    layout: str = ""        # "nchw" or "nhwc" for the norms over channels
 
     @property
     def name(self):
-        return f"{self.op}_{self.direction} {'x'.join(map(str, self.shape))} {self.dtype}"
+        layout = f" {self.layout}" if self.layout else ""
+        return (f"{self.op}_{self.direction}{layout} {'x'.join(map(str, self.shape))} "
+                f"{self.dtype}")
 
 
 ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}
@@ -173,7 +195,118 @@ def _liger(case, torch, x, w, b, dy, eps):
     return _autograd_bwd(torch, f, x, w, dy)
 
 
-OPS = {"layer_norm": RowNorm("layer_norm"), "rms_norm": RowNorm("rms_norm")}
+def channel_norm_bytes(op, direction, shape, dtype, *, groups=None, running=True):
+    """Minimal bytes of batch norm (statistics per channel), group norm (per (n, g))
+    and instance norm (per (n, c)) over an (N, C, H, W) batch, weight and bias given.
+    Forward reads x, weight, bias (batch norm: and the running statistics, which it
+    also writes, float32) and writes y, mean, rstd; backward reads dy, x, mean, rstd,
+    weight and writes dx, dweight, dbias."""
+    s, a = ITEMSIZE[dtype], stat_size(dtype)
+    N, C = shape[0], shape[1]
+    numel = 1
+    for d in shape:
+        numel *= d
+    nstats = {"batch_norm": C, "group_norm": N * (groups or 1), "instance_norm": N * C}[op]
+    if direction == "fwd":
+        run = 4 * C * 4 if op == "batch_norm" and running else 0
+        return 2 * numel * s + 2 * C * s + 2 * nstats * a + run
+    return 3 * numel * s + 3 * C * s + 2 * nstats * a
+
+
+class ChannelNorm(OpBench):
+    """Batch, group and instance norm at the issue's shapes, NCHW and NHWC
+    (torch: channels_last memory; fastreg: the same memory through DLPack)."""
+
+    SHAPES = {"batch_norm": ((256, 64, 56, 56),), "group_norm": ((32, 256, 56, 56),),
+              "instance_norm": ((32, 256, 56, 56),)}
+    QUICK_SHAPES = {"batch_norm": ((64, 64, 56, 56),), "group_norm": ((8, 256, 56, 56),),
+                    "instance_norm": ((8, 256, 56, 56),)}
+    DTYPES = ("float32", "bfloat16")
+    GROUPS = 32
+
+    def __init__(self, name):
+        self.name = name
+
+    def cases(self, quick):
+        shapes = (self.QUICK_SHAPES if quick else self.SHAPES)[self.name]
+        return [Case(self.name, d, shape, dt, layout) for shape in shapes
+                for layout in ("nchw", "nhwc") for dt in self.DTYPES for d in ("fwd", "bwd")]
+
+    def groups(self, case):
+        return {"batch_norm": None, "group_norm": self.GROUPS,
+                "instance_norm": case.shape[1]}[self.name]
+
+    def nbytes(self, case):
+        return channel_norm_bytes(case.op, case.direction, case.shape, case.dtype,
+                                  groups=self.groups(case))
+
+    def prepare(self, case, torch, cupy):
+        import fastreg
+        N, C, H, W = case.shape
+        tdt = getattr(torch, case.dtype)
+        fmt = torch.channels_last if case.layout == "nhwc" else torch.contiguous_format
+        g = torch.Generator(device="cuda").manual_seed(0)
+        x = torch.randn(N, C, H, W, device="cuda", dtype=tdt, generator=g).to(memory_format=fmt)
+        dy = torch.randn(N, C, H, W, device="cuda", dtype=tdt, generator=g).to(memory_format=fmt)
+        w = torch.randn(C, device="cuda", dtype=tdt, generator=g)
+        b = torch.randn(C, device="cuda", dtype=tdt, generator=g)
+        cx, cdy, cw, cb = (cupy.from_dlpack(t) for t in (x, dy, w, b))
+        eps, F, peers = EPS[case.op], torch.nn.functional, {}
+        if self.name == "batch_norm":
+            rm, rv = (torch.zeros(C, device="cuda"), torch.ones(C, device="cuda"))
+            crm, crv = cupy.zeros(C, cupy.float32), cupy.ones(C, cupy.float32)
+            if case.direction == "fwd":
+                peers["fastreg"] = lambda: fastreg.batch_norm(cx, cw, cb, crm, crv, eps=eps)
+                peers["torch"] = lambda: F.batch_norm(x, rm, rv, w, b, True, 0.1, eps)
+            else:
+                _, mean, rstd = fastreg.batch_norm(cx, cw, cb, eps=eps)
+                peers["fastreg"] = lambda: fastreg.batch_norm_backward(cdy, cx, mean, rstd, cw, cb)
+                _, sm, si = torch.ops.aten.native_batch_norm(x, w, b, rm, rv, True, 0.1, eps)
+                peers["torch"] = lambda: torch.ops.aten.native_batch_norm_backward(
+                    dy, x, w, rm, rv, sm, si, True, eps, [True, True, True])
+            return peers
+        G = self.groups(case)
+        if case.direction == "fwd":
+            if self.name == "group_norm":
+                peers["fastreg"] = lambda: fastreg.group_norm(cx, G, cw, cb, eps)
+                peers["torch"] = lambda: F.group_norm(x, G, w, b, eps)
+            else:
+                peers["fastreg"] = lambda: fastreg.instance_norm(cx, cw, cb, eps=eps)
+                peers["torch"] = lambda: F.instance_norm(x, weight=w, bias=b, eps=eps)
+        elif self.name == "group_norm":
+            _, mean, rstd = fastreg.group_norm(cx, G, cw, cb, eps)
+            peers["fastreg"] = lambda: fastreg.group_norm_backward(cdy, cx, mean, rstd, G, cw, cb)
+            _, tm, tr = torch.ops.aten.native_group_norm(x, w, b, N, C, H * W, G, eps)
+            peers["torch"] = lambda: torch.ops.aten.native_group_norm_backward(
+                dy, x, tm, tr, w, N, C, H * W, G, [True, True, True])
+        else:  # torch's instance norm is batch norm over (1, N*C, H, W): its own autograd
+            _, mean, rstd = fastreg.instance_norm(cx, cw, cb, eps=eps)
+            peers["fastreg"] = lambda: fastreg.instance_norm_backward(cdy, cx, mean, rstd, cw, cb)
+            peers["torch"] = _autograd_bwd(
+                torch, lambda xx, ww: F.instance_norm(xx, weight=ww, bias=b, eps=eps), x, w, dy)
+        if self.name == "group_norm" and case.layout == "nchw":
+            liger = _liger_group_norm(case, torch, x, w, b, dy, G, eps)
+            if liger is not None:
+                peers["liger"] = liger
+        return peers
+
+
+def _liger_group_norm(case, torch, x, w, b, dy, G, eps):
+    """Liger-Kernel's group norm for the case, or None where it is not installed."""
+    try:
+        from liger_kernel.ops.group_norm import LigerGroupNormFunction as Fn
+    except ImportError:
+        return None
+    C = x.shape[1]
+    f = (lambda xx, ww: Fn.apply(xx, ww, b, C, G, eps))
+    if case.direction == "fwd":
+        return lambda: f(x, w)
+    return _autograd_bwd(torch, f, x, w, dy)
+
+
+OPS = {"layer_norm": RowNorm("layer_norm"), "rms_norm": RowNorm("rms_norm"),
+       "batch_norm": ChannelNorm("batch_norm"), "group_norm": ChannelNorm("group_norm"),
+       "instance_norm": ChannelNorm("instance_norm")}
 
 
 def select_cases(pattern="*", quick=False):
@@ -232,9 +365,10 @@ def run_tests(extra=()):
 
 
 def measure(case, op, torch, cupy, repeat, ceiling):
+    gbs, ratio = target_of(case)
     row = {"case": case.name, "op": case.op, "direction": case.direction,
-           "shape": list(case.shape), "dtype": case.dtype, "bytes": op.nbytes(case),
-           "target_gbs": TARGETS.get((case.op, case.direction, case.dtype)), "peers": {}}
+           "shape": list(case.shape), "dtype": case.dtype, "layout": case.layout,
+           "bytes": op.nbytes(case), "target_gbs": gbs, "target_vs_torch": ratio, "peers": {}}
     try:
         peers = op.prepare(case, torch, cupy)
     except Exception as e:  # noqa: BLE001 - a failed case is reported, not fatal
@@ -264,6 +398,14 @@ def speedups(row):
             if p != "fastreg" and mine and "ms" in v}
 
 
+def target_cell(row):
+    if row.get("target_gbs"):
+        return str(row["target_gbs"])
+    if row.get("target_vs_torch"):
+        return f"x{row['target_vs_torch']:g} torch"
+    return "-"
+
+
 def format_markdown(result):
     info, rows = result["info"], result["rows"]
     peers = sorted({p for r in rows for p in r["peers"]} - {"fastreg"})
@@ -274,7 +416,7 @@ def format_markdown(result):
            f"cudaMemcpyAsync {info['copy']['memcpy_gbs']:.0f}, copy kernel "
            f"{info['copy']['copy_kernel_gbs']:.0f})",
            f"GPU tests: {info['tests']['summary'] or 'not run'}", "",
-           "| case | MB | fastreg ms | GB/s | % copy | target GB/s | "
+           "| case | MB | fastreg ms | GB/s | % copy | target | "
            + " | ".join(f"{p} ms | {p} GB/s | x {p}" for p in peers) + " |",
            "|---|---:|---:|---:|---:|---:|" + "---:|---:|---:|" * len(peers)]
     for r in rows:
@@ -284,7 +426,7 @@ def format_markdown(result):
                        f"{r.get('error') or f.get('error', 'failed')} |")
             continue
         cells = [r["case"], f"{r['bytes'] / 1e6:.1f}", f"{f['ms']:.4f}", f"{f['gbs']:.0f}",
-                 f"{f['pct_copy']:.0f}", str(r["target_gbs"] or "-")]
+                 f"{f['pct_copy']:.0f}", target_cell(r)]
         sp = speedups(r)
         for p in peers:
             v = r["peers"].get(p, {})

@@ -260,8 +260,9 @@ def sync_batch_norm(x, weight=None, bias=None, running_mean=None, running_var=No
 
     Parameters
     ----------
-    x : ndarray (N, C, ...) for ``axis=1`` or (N, ..., C) for ``axis=-1``, float32 or
-        float64, NumPy (CuPy once its backend has the split kernels)
+    x : ndarray (N, C, ...) for ``axis=1`` or (N, ..., C) for ``axis=-1``: NumPy
+        (float32, float64) or CuPy (also float16, bfloat16; the split steps run the
+        CUDA kernels, with float64 partials)
     weight, bias : ndarray (C,) of x's dtype, or None
     running_mean, running_var : ndarray (C,), float32 or float64, or None
     comm : a communicator adapter (:class:`MPIComm`, :class:`TorchComm`,

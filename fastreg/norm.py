@@ -13,8 +13,8 @@ Conventions shared by every function here:
 - Backends: NumPy arrays run the Numba kernels ("cpu") or the NumPy reference
   ("reference"); CuPy arrays run the CUDA kernels ("cuda"), which also accept
   float16 and bfloat16 (``ml_dtypes.bfloat16``); "cuda_emulator" runs those
-  CUDA kernels on NumPy arrays under a host emulation. Layer and RMS norm have
-  CUDA kernels; batch, group and instance norm raise on the CUDA backends.
+  CUDA kernels on NumPy arrays under a host emulation. Every function here,
+  the split batch-norm steps included, has CUDA kernels.
 - The split batch-norm steps (``batch_norm_stats`` and the rest, for batches
   spread over processes) keep their per-channel partials and statistics in
   float64 for every input dtype: they are exchanged and merged, see
@@ -365,7 +365,8 @@ def batch_norm_stats(x, *, axis=1, out=None, backend=None):
     Parameters
     ----------
     x : ndarray (N, C, ...) for ``axis=1`` (NCHW) or (N, ..., C) for ``axis=-1`` (NHWC),
-        float32 or float64, any memory layout; N may be 0
+        float32 or float64 (CUDA backends: also float16 and bfloat16), any memory
+        layout; N may be 0
     axis : int, the channel axis
     out : tuple ``(count, mean, m2)`` of preallocated float64 (C,) arrays (entries may
         be None), e.g. rows of the buffer a collective sends
@@ -458,7 +459,8 @@ def batch_norm_apply(x, mean, var, weight=None, bias=None, running_mean=None, ru
 
     Parameters
     ----------
-    x : ndarray (N, C, ...) or (N, ..., C), float32 or float64
+    x : ndarray (N, C, ...) or (N, ..., C), float32 or float64 (CUDA backends: also
+        float16 and bfloat16)
     mean, var : ndarray (C,), float32 or float64
     weight, bias : ndarray (C,) of x's dtype, or None
     running_mean, running_var : ndarray (C,), float32 or float64, or None (updated in place)
@@ -530,7 +532,8 @@ def batch_norm_backward_reduce(dy, x, mean, rstd, *, axis=1, y=None, activation=
 
     Parameters
     ----------
-    dy, x : ndarray, same shape and dtype (float32 or float64)
+    dy, x : ndarray, same shape and dtype (float32 or float64; CUDA backends: also
+        float16 and bfloat16)
     mean, rstd : ndarray (C,), float32 or float64, the batch's statistics
     out : tuple ``(sum_dy, sum_dy_xhat)`` of preallocated float64 (C,) arrays
 
@@ -575,7 +578,8 @@ def batch_norm_backward_apply(dy, x, mean, rstd, weight, sum_dy, sum_dy_xhat, *,
 
     Parameters
     ----------
-    dy, x : ndarray, same shape and dtype (float32 or float64)
+    dy, x : ndarray, same shape and dtype (float32 or float64; CUDA backends: also
+        float16 and bfloat16)
     mean, rstd : ndarray (C,), float32 or float64
     weight : ndarray (C,) of x's dtype, or None
     sum_dy, sum_dy_xhat : ndarray (C,), float32 or float64 (unused, may be None, in inference)
@@ -735,7 +739,7 @@ def instance_norm(x, weight=None, bias=None, running_mean=None, running_var=None
                        dict(x=x, weight=weight, bias=bias, running_mean=running_mean,
                             running_var=running_var))
     if not use_input_stats:
-        stats = [np.empty((C,), sd), np.empty((C,), sd)]
+        stats = [_backend.empty((C,), sd, inputs=dict(x=x)) for _ in range(2)]
         stats[0][...] = running_mean
         stats[1][...] = 1.0 / np.sqrt(running_var.astype(np.float64) + eps)
         impl.batch_norm(x, weight, bias, eps, ax, None, False, [outs[0], *stats])
@@ -773,8 +777,8 @@ def instance_norm_backward(dy, x, mean, rstd, weight=None, bias=None, *, use_inp
         impl.group_norm_backward(dy, x, mean, rstd, C, weight, ax, outs)
     else:
         # Running statistics are the same for every sample: one row describes them.
-        row_mean = mean[0] if N else np.zeros((C,), sd)
-        row_rstd = rstd[0] if N else np.zeros((C,), sd)
-        impl.batch_norm_backward(dy, x, np.ascontiguousarray(row_mean),
-                                 np.ascontiguousarray(row_rstd), weight, False, ax, None, outs)
+        row_mean, row_rstd = (_backend.empty((C,), sd, inputs=dict(x=x)) for _ in range(2))
+        row_mean[...] = mean[0] if N else 0.0
+        row_rstd[...] = rstd[0] if N else 0.0
+        impl.batch_norm_backward(dy, x, row_mean, row_rstd, weight, False, ax, None, outs)
     return tuple(outs)

@@ -149,6 +149,16 @@ template <typename T, typename A>
 __device__ __forceinline__ void store_vec(T* p, const A* v) {
   *reinterpret_cast<uint4*>(p) = Vec<T>::pack(v);
 }
+// The same with evict-first hints (ld.global.cs / st.global.cs), for the last
+// read of an input and for outputs: they leave L2 to the data still to be re-read.
+template <typename T, typename A>
+__device__ __forceinline__ void load_vec_last(const T* p, A* v) {
+  Vec<T>::unpack(__ldcs(reinterpret_cast<const uint4*>(p)), v);
+}
+template <typename T, typename A>
+__device__ __forceinline__ void store_vec_last(T* p, const A* v) {
+  __stcs(reinterpret_cast<uint4*>(p), Vec<T>::pack(v));
+}
 
 // ------------------------------------------------------------------ reductions
 // Butterfly sum over the warp: every lane ends with the same bits (IEEE

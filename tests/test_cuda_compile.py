@@ -14,14 +14,15 @@ import subprocess
 import pytest
 
 import _nvrtc
-from fastreg.cuda import _source
+from fastreg.cuda import _batch_norm, _group_norm, _source
 from fastreg.cuda import norm as cuda_norm
 
 pytestmark = pytest.mark.gpu
 
 HERE = pathlib.Path(__file__).resolve().parent
 ARCH = "sm_90"
-MODULES = {"norm": cuda_norm}
+# kernel module -> the launcher module that names its kernels
+MODULES = {"norm": cuda_norm, "batch_norm": _batch_norm, "group_norm": _group_norm}
 
 
 @pytest.fixture(scope="module")
@@ -35,12 +36,14 @@ def nvrtc():
     return lib, include
 
 
-@pytest.fixture(scope="module")
-def nvrtc_norm(nvrtc):
+@pytest.fixture(scope="module", params=sorted(MODULES))
+def nvrtc_module(request, nvrtc):
+    """(module name, cubin, log, ptxas report) of each kernel module."""
     lib, include = nvrtc
     options = _source.nvrtc_options(ARCH, [include]) + ("--ptxas-options=-v",)
-    cubin, log = _nvrtc.compile_source(lib, _source.module_source("norm"), "norm.cu", options)
-    return cubin, log, _nvrtc.ptxas_report(log)
+    name = request.param
+    cubin, log = _nvrtc.compile_source(lib, _source.module_source(name), f"{name}.cu", options)
+    return name, cubin, log, _nvrtc.ptxas_report(log)
 
 
 def test_loader_options_are_what_cupy_is_given():
@@ -50,19 +53,19 @@ def test_loader_options_are_what_cupy_is_given():
         "our headers are inlined: include paths are not part of CuPy's cache key"
 
 
-def test_every_norm_instance_compiles_with_nvrtc(nvrtc_norm):
-    cubin, log, report = nvrtc_norm
-    names = cuda_norm.kernel_names()
+def test_every_instance_compiles_with_nvrtc(nvrtc_module):
+    module, cubin, log, report = nvrtc_module
+    names = MODULES[module].kernel_names()
     missing = [n for n in names if f"{n}\0".encode() not in cubin]
-    assert not missing, f"kernels the launchers name but the cubin lacks: {missing}"
-    assert sorted(report) == sorted(names), "the module holds kernels no launcher names"
+    assert not missing, f"{module}: kernels the launchers name but the cubin lacks: {missing}"
+    assert sorted(report) == sorted(names), f"{module} holds kernels no launcher names"
     assert "warning" not in log.lower(), log
 
 
-def test_nvrtc_build_has_no_spills_or_local_memory(nvrtc_norm):
-    _, _, report = nvrtc_norm
+def test_nvrtc_build_has_no_spills_or_local_memory(nvrtc_module):
+    module, _, _, report = nvrtc_module
     bad = {k: v for k, v in report.items() if v["stack"] or v["spill_stores"] or v["spill_loads"]}
-    assert not bad, f"spills or stack frames: {bad}"
+    assert not bad, f"{module}: spills or stack frames: {bad}"
 
 
 def test_emulator_check_kernels_are_valid_cuda(nvrtc):
@@ -75,20 +78,21 @@ def test_emulator_check_kernels_are_valid_cuda(nvrtc):
 
 
 @pytest.mark.slow
-def test_nvcc_reports_no_spills_in_the_hot_kernels(tmp_path):
+@pytest.mark.parametrize("module", sorted(MODULES))
+def test_nvcc_reports_no_spills_in_the_hot_kernels(module, tmp_path):
     nvcc = _nvrtc.find_nvcc()
     if nvcc is None:
         pytest.skip("nvcc not found")
-    src = tmp_path / "norm.cu"
-    src.write_text(_source.module_source("norm"))
+    src = tmp_path / f"{module}.cu"
+    src.write_text(_source.module_source(module))
     proc = subprocess.run([nvcc, f"-arch={ARCH}", "-cubin", "-Xptxas", "-v",
                            *_source.OPTIONS, *_source.CUPY_ADDED_OPTIONS, str(src),
-                           "-o", str(tmp_path / "norm.cubin")],
+                           "-o", str(tmp_path / f"{module}.cubin")],
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-6000:]
     report = _nvrtc.ptxas_report(proc.stderr + proc.stdout)
-    hot = cuda_norm.hot_kernel_names()
+    hot = MODULES[module].hot_kernel_names()
     assert set(hot) <= set(report)
     bad = {k: report[k] for k in hot
            if report[k]["stack"] or report[k]["spill_stores"] or report[k]["spill_loads"]}
-    assert not bad, f"hot kernels with spills or stack frames: {bad}"
+    assert not bad, f"{module}: hot kernels with spills or stack frames: {bad}"

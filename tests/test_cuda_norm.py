@@ -6,42 +6,20 @@ device are present, and always under the host emulation (backend
 block-per-row register paths, the loop paths for long rows, 16-byte and
 scalar loads, the multi-block dweight/dbias partials and their second pass.
 
-Tolerances: float32 and float64 as the CPU tests (tests/_assert.py).
-float16/bfloat16 follow flash-attention's rule: the error of the kernel
-against the float64 reference may be at most twice that of a low-precision
-reference (the exact result stored in the dtype: what a float32 computation
-rounded to float16/bfloat16, as PyTorch's, achieves) plus a small atol. The
-float32 statistics of low-precision inputs are held to float32 tolerances.
+Tolerances: per dtype, flash-attention's rule for float16/bfloat16
+(tests/_cuda_targets.py).
 """
 
 import ml_dtypes
 import numpy as np
 import pytest
 
-from _assert import assert_bitwise, assert_close, tol
+from _assert import assert_bitwise, assert_close
+from _cuda_targets import (BF16, DTYPES, GPU, TARGETS, _check, _host, _references, _run,
+                           _snapshot, _to, _xp, needs_emulator)
 from cases import LAYER_NORM, RMS_NORM, ROW_CASES
 
 pytestmark = pytest.mark.gpu
-
-BF16 = np.dtype(ml_dtypes.bfloat16)
-DTYPES = [np.float16, ml_dtypes.bfloat16, np.float32, np.float64]
-LOW = (np.dtype(np.float16), BF16)
-ATOL_LOW = {np.dtype(np.float16): 1e-3, BF16: 1e-2}
-
-
-def _gpu():
-    try:
-        import cupy
-        return cupy.cuda.runtime.getDeviceCount() > 0
-    except Exception:  # noqa: BLE001 - no CuPy, no driver or no device
-        return False
-
-
-GPU = _gpu()
-EMULATOR = __import__("fastreg.cuda._emulator").cuda._emulator.compiler() is not None
-needs_emulator = pytest.mark.skipif(not EMULATOR, reason="no C++ compiler (g++ or $CXX) for "
-                                                         "the CUDA host emulation")
-TARGETS = [pytest.param("cuda_emulator", marks=needs_emulator)] + (["cuda"] if GPU else [])
 
 CASES = ROW_CASES + [
     ((5, 1), {}),                          # D = 1
@@ -59,91 +37,6 @@ OPS = [LAYER_NORM, RMS_NORM]
 IDS = [f"{op.name}-{'x'.join(map(str, s))}-{','.join(f'{k}={v}' for k, v in v_.items())}"
        for op in OPS for s, v_ in CASES]
 PARAMS = [(op, s, v) for op in OPS for s, v in CASES]
-
-
-def _xp(target):
-    if target == "cuda":
-        import cupy
-        return cupy
-    return np
-
-
-def _to(target, a):
-    if a is None or not isinstance(a, np.ndarray):
-        return a
-    return _xp(target).asarray(a) if target == "cuda" else a
-
-
-def _host(a):
-    if a is None or isinstance(a, np.ndarray):
-        return a
-    return a.get()
-
-
-def _cast(d, dtype):
-    """The inputs of case d with the floating arrays of x's dtype cast to ``dtype``."""
-    xdt = d["x"].dtype
-    return {k: (v.astype(dtype) if isinstance(v, np.ndarray) and v.dtype == xdt else v)
-            for k, v in d.items()}
-
-
-def _poisoned(target, like):
-    out = _xp(target).empty(like.shape, dtype=like.dtype)
-    out[...] = np.nan
-    return out
-
-
-def _run(target, fn, d, *extra):
-    """fn on the target, with fresh outputs and with poisoned out= buffers."""
-    dd = {k: _to(target, v) for k, v in d.items()}
-    ex = [tuple(_to(target, e) for e in x) if isinstance(x, tuple) else _to(target, x)
-          for x in extra]
-    fresh = fn(dd, *ex, target)
-    out = tuple(None if f is None else _poisoned(target, f) for f in fresh)
-    got = fn(dd, *ex, target, out)
-    for g, o in zip(got, out):
-        assert g is o, "the kernel must return the out= arrays it was given"
-    return [_host(g) for g in got], [_host(f) for f in fresh]
-
-
-def _check(name, got, ref64, ref_low, dtype, kind, case):
-    if got is None or ref64 is None:
-        assert got is None and ref64 is None, f"{case}: {name} presence"
-        return
-    scale = max(1.0, float(np.max(np.abs(ref64), initial=0.0))) if kind == "grad" else 1.0
-    if ref_low is not None and np.dtype(got.dtype) in LOW:
-        assert got.dtype == dtype, f"{case}: {name} dtype {got.dtype}"
-        g, r = got.astype(np.float64), ref64.astype(np.float64)
-        bound = 2 * np.max(np.abs(ref_low.astype(np.float64) - r), initial=0.0) + \
-            ATOL_LOW[np.dtype(dtype)] * scale
-        err = np.abs(g - r)
-        if not (err <= bound).all():
-            i = np.unravel_index(np.argmax(err), err.shape)
-            raise AssertionError(f"{case}: {name} max |kernel - ref64| = {err[i]:.3g} at {i} "
-                                 f"(got {g[i]!r}, expected {r[i]!r}) exceeds 2 * low-precision "
-                                 f"error + atol = {bound:.3g}")
-        return
-    rtol, atol = tol(np.float64 if got.dtype == np.float64 else np.float32, kind)
-    assert_close(got, ref64.astype(got.dtype), rtol=rtol, atol=atol * scale, case=f"{case} {name}")
-
-
-def _references(op, d, dtype, direction, saved=None, dy=None):
-    """The float64 reference, and the low-precision one: the reference on float32
-    copies of the inputs with its outputs stored in ``dtype``."""
-    outs = []
-    for rd in (np.float64, np.float32):
-        dd = _cast(d, rd)
-        if direction == "fwd":
-            outs.append(op.forward(dd, "reference"))
-        else:
-            outs.append(op.backward(dd, tuple(a.astype(rd) for a in saved), dy.astype(rd),
-                                    "reference"))
-    ref64, ref32 = outs
-    return ref64, tuple(None if a is None else a.astype(dtype) for a in ref32)
-
-
-def _snapshot(d):
-    return {k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in d.items()}
 
 
 @pytest.mark.parametrize("target", TARGETS)
@@ -264,20 +157,17 @@ def test_misaligned_buffers_take_the_scalar_path(target, rng):
     assert_close(_host(dx), ref[0], rtol=1e-4, atol=1e-4, case="misaligned dx")
 
 
-@pytest.mark.parametrize("fn,args", [
-    ("batch_norm", lambda x: (x,)),
-    ("batch_norm_backward", lambda x: (x, x, x[0, :, 0, 0], x[0, :, 0, 0])),
-    ("group_norm", lambda x: (x, 2)),
-    ("group_norm_backward", lambda x: (x, x, x[:, :2, 0, 0], x[:, :2, 0, 0], 2)),
-    ("instance_norm", lambda x: (x,)),
-    ("instance_norm_backward", lambda x: (x, x, x[:, :, 0, 0], x[:, :, 0, 0])),
-])
-def test_ops_without_kernels_refuse_the_cuda_backends_by_name(fn, args):
+def test_an_op_listed_unsupported_is_refused_by_name(monkeypatch):
+    """A family module may list ops it does not run (UNSUPPORTED): the dispatcher
+    then raises naming the op rather than falling back to another backend."""
     import fastreg
+    from fastreg.cuda import norm as cuda_norm
+    assert not cuda_norm.UNSUPPORTED, "every norm op has CUDA kernels"
+    monkeypatch.setattr(cuda_norm, "UNSUPPORTED", frozenset({"group_norm"}))
     x = np.ones((2, 4, 3, 3), np.float32)
-    msg = f"{fn}: the 'cuda_emulator' backend does not implement {fn}"
+    msg = "group_norm: the 'cuda_emulator' backend does not implement group_norm"
     with pytest.raises(RuntimeError, match=msg):
-        getattr(fastreg, fn)(*args(x), backend="cuda_emulator")
+        fastreg.group_norm(x, 2, backend="cuda_emulator")
 
 
 @needs_emulator

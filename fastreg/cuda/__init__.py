@@ -12,3 +12,6 @@ import numpy as np
 
 DTYPES = (np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16), np.dtype(np.float32),
           np.dtype(np.float64))
+# Instance-name tag of each dtype, and its elements per 16-byte vector.
+TAGS = {DTYPES[0]: "f16", DTYPES[1]: "bf16", DTYPES[2]: "f32", DTYPES[3]: "f64"}
+VEC = {"f16": 8, "bf16": 8, "f32": 4, "f64": 2}

@@ -39,15 +39,11 @@ through a temporary.
 
 from __future__ import annotations
 
-import ml_dtypes
 import numpy as np
 
-from . import _device
+from . import TAGS, VEC, _device  # noqa: F401 - TAGS and VEC are part of this module's interface
 
 MODULE = "norm"
-TAGS = {np.dtype(np.float16): "f16", np.dtype(ml_dtypes.bfloat16): "bf16",
-        np.dtype(np.float32): "f32", np.dtype(np.float64): "f64"}
-VEC = {"f16": 8, "bf16": 8, "f32": 4, "f64": 2}  # elements per 16 bytes
 
 # (K, largest block) of the register-path instances, as instantiated at the end of
 # kernels/norm.cu: the block bound sets the register budget.
@@ -64,10 +60,9 @@ SUM_THREADS = 256             # norm_sum_partials, one column per thread
 H100_SMS = 132                # backward grid: one resident wave on an H100 (see above)
 LOOP_PARTIAL_ROWS = 256       # loop path: at most this many partial rows
 
-# Ops of this family without CUDA kernels yet: the dispatcher refuses them by
-# name (fastreg._backend.select) instead of falling back to another backend.
-UNSUPPORTED = frozenset({"batch_norm", "batch_norm_backward", "group_norm",
-                         "group_norm_backward", "instance_norm", "instance_norm_backward"})
+# Ops of this family without CUDA kernels: the dispatcher refuses them by name
+# (fastreg._backend.select) instead of falling back to another backend. None left.
+UNSUPPORTED = frozenset()
 
 
 def kernel_names():
@@ -224,3 +219,11 @@ def rms_norm_backward(dy, x, rstd, weight, normalized_ndim, out):
     dx, dweight = out
     _row_backward("rms_norm", dy, x, None, rstd, weight, normalized_ndim, dx, dweight, None)
 
+
+# Batch and group norm live in their own modules (kernels/batch_norm.cu and
+# kernels/group_norm.cu); this module is the family's single entry point, as
+# fastreg/cpu/norm.py is. Instance norm is group norm with G = C (fastreg.norm).
+from ._batch_norm import (  # noqa: E402,F401
+    batch_norm, batch_norm_backward, batch_norm_backward_apply, batch_norm_backward_reduce,
+    batch_norm_combine, batch_norm_stats)
+from ._group_norm import group_norm, group_norm_backward  # noqa: E402,F401

@@ -114,6 +114,11 @@ __forceinline__ int __double2hiint(double v) { return int(fastreg_emu_bit_cast<u
 __forceinline__ int __double2loint(double v) { return int(uint32_t(fastreg_emu_bit_cast<uint64_t>(v))); }
 template <class T>
 __forceinline__ T __ldg(const T* p) { return *p; }
+// Cache hints (evict-first loads and stores) are plain accesses on the host.
+template <class T>
+__forceinline__ T __ldcs(const T* p) { return *p; }
+template <class T>
+__forceinline__ void __stcs(T* p, T v) { *p = v; }
 
 // ----------------------------------------------------------------------------- half / bfloat16
 struct __half { unsigned short __x; };
