@@ -17,8 +17,9 @@ Environment: ``FASTREG_BENCH_QUICK=1`` for the --quick shapes,
 
 import os
 
-# Before anything imports torch: its allocator reads this once (see fastreg/_bench.py).
+# Before anything imports torch or starts an OpenMP pool (see fastreg/_bench.py).
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import pytest  # noqa: E402
 

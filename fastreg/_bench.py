@@ -28,6 +28,14 @@ on their page faults unless ``THP_MEM_ALLOC_ENABLE=1`` (transparent huge
 pages) is set before torch is imported; users who care about speed set it,
 so the bench sets it too (unless the caller chose a value) and says so.
 
+PyTorch and Numba each run their own OpenMP thread pool, whose threads
+spin-wait after a parallel region. Timed in turns on few cores, each pool's
+spinning threads steal the cores the other needs (here a layer-norm backward
+ran 2-3x slower for both peers). The bench therefore sets
+``OMP_WAIT_POLICY=PASSIVE`` (unless the caller chose a value) before either
+pool starts, so idle threads sleep, and says so; programs that alternate
+PyTorch and fastreg calls should do the same.
+
 The cases come from one module per op family (``fastreg/_bench_norm.py``, ...;
 the interface is described at ``FAMILIES``); this module is the family
 registry and spec selection (``select_specs``, ``build``), timing
@@ -410,10 +418,17 @@ def failures(rows):
 
 # =========================================================================== environment
 
+def set_environment():
+    """THP_MEM_ALLOC_ENABLE=1 and OMP_WAIT_POLICY=PASSIVE unless the caller set them
+    (see the module docstring); before torch is imported and any OpenMP pool starts."""
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
 def import_torch():
     """torch with THP_MEM_ALLOC_ENABLE=1 (unless set), or None when not installed."""
     preloaded = "torch" in sys.modules
-    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+    set_environment()
     try:
         import torch
     except ImportError:
@@ -464,6 +479,7 @@ def machine_info(torch=None):
             "numba_cache_dir": numba_cache_dir(),
             "torch_threads": None if torch is None else torch.get_num_threads(),
             "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE"),
+            "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"),
             "cpu": _cpu_model(), "cores": os.cpu_count(), "platform": platform.platform()}
     return info
 
@@ -569,6 +585,8 @@ def bench(argv=None):
         head.append("torch peer: its own fresh outputs; THP_MEM_ALLOC_ENABLE="
                     f"{info['THP_MEM_ALLOC_ENABLE']} set before importing torch (without it "
                     "its allocator spends much of a call on 4 KiB page faults)")
+    head.append(f"OMP_WAIT_POLICY={info['OMP_WAIT_POLICY']} (PyTorch's and Numba's OpenMP "
+                "pools: idle threads sleep instead of spinning on the other's cores)")
     head.append(f"medians of {repeat} samples per peer, round robin, after a warm-up call"
                 + ("" if budget is None else f" (a peer stops after {budget:g} s)")
                 + ("; --quick shapes (cache-sized: a check of the machinery, not of the"
