@@ -309,7 +309,7 @@ def _check_tensors(caller, backend, ws, listed, state, written):
     for i, w in enumerate(ws):
         if w.dtype not in dtypes:
             _checks.array(label("w", i), w, caller=caller, dtypes=dtypes)
-        if not w.flags.writeable:
+        if not _checks._writeable(w):
             raise ValueError(f"{caller}: '{label('w', i)}' must be writeable (it is updated "
                              "in place), got a read-only array.")
         named.append((label("w", i), w))

@@ -431,6 +431,13 @@ __device__ __forceinline__ void opaque(uint4& r) {
 #endif
 }
 
+// weight * value for the loss, 0 for weight 0 (not 0 * -inf = NaN where the
+// logits mask classes with -inf, as PyTorch without smoothing).
+template <typename A>
+__device__ __forceinline__ double ce_term(double weight, A value) {
+  return weight != 0.0 ? weight * double(value) : 0.0;
+}
+
 // The row's scale: 1 / (rows not ignored) from the device count when given
 // ("mean" with ignore_index), else the host's value.
 __device__ __forceinline__ double ce_scale(const long long* count, double scale) {
@@ -527,7 +534,7 @@ __device__ __forceinline__ void ce_rows(const T* z, const long long* __restrict_
       }
       store_slot<VEC>(dr, k, R, t, rs.limit, v);
     }
-    loss = double(mx) + log(double(s[0])) - on * double(s[2]) - off * double(s[1]);
+    loss = double(mx) + log(double(s[0])) - ce_term(on, s[2]) - ce_term(off, s[1]);
   } else {
     const RowSlots all = row_slots<VEC>(K, N, R, t, -1);
 #pragma unroll
@@ -649,7 +656,7 @@ __device__ __forceinline__ void ce_row_loop(const T* z, const long long* __restr
         v[i] = (exp_acc(v[i] - st.m) * inv - (i == rs.target_pos ? ot : o)) * c;
       store_slot<VEC>(dr + base, 0, R, t, rs.limit, v);
     }
-    loss = double(st.m) + log(double(st.s)) - on * double(st.zt) - off * double(st.sz);
+    loss = double(st.m) + log(double(st.s)) - ce_term(on, st.zt) - ce_term(off, st.sz);
   } else {
     for (int base = 0; base < K; base += tile) {
       const RowSlots rs = row_slots<VEC>(K - base, N, R, t, -1);
