@@ -950,7 +950,6 @@ __device__ __forceinline__ void group_apply(const T* x, T* y,
                                         amsgrad, coupled, lerp_small)))                        \
   FASTREG_CE_ROWS(T, tag, 1, 1024)                                                             \
   FASTREG_CE_ROWS(T, tag, 2, 1024)                                                             \
-  FASTREG_CE_ROWS(T, tag, 4, 1024)                                                             \
   FASTREG_KERNEL(cross_entropy_loop_##tag, 1024, FASTREG_CE_PARAMS(T),                          \
                  FASTREG_PROX_BY_VEC(ce_row_loop, (T), (z, target, dz, row_loss, row_loss_t,    \
                                                        count, scale, on, off, ignore,          \
@@ -981,17 +980,24 @@ __device__ __forceinline__ void group_apply(const T* x, T* y,
                  (fastreg::group_apply<T>(x, y, shift, scale, offset, P, Q, R, q_rows, nqb,    \
                                           nrb, rt, qt)))
 
-// Register-path rows: KS = 1, 2, 4 slots for every dtype, and KS = 8 for
-// float32 (1024 threads x 8 slots x 4 values: rows of 32768 classes in 64
-// registers per thread, without spills). 16-bit and float64 rows at KS = 8
-// would need 512-thread blocks, which hold no longer rows than KS = 4 at 1024
-// (32768 and 8192 classes). fastreg/cuda/prox.py's CE_SLOTS and
-// kernel_names() mirror these lines.
+// Register-path rows (KS slots of 16 bytes per thread): KS = 1, 2 for every
+// dtype at up to 1024 threads; float32 and float64 KS = 4 and float32 KS = 8 at
+// 1024 threads (64 registers per thread: a float32 row of 32768 classes, the
+// (8192, 32000) case, without spills); 16-bit KS = 4 and 8 at up to 512
+// threads (the values unpacked from 8 halves per slot need the registers:
+// at 1024 threads both NVRTC 13.5 and nvcc 13.0 spilled), rows of up to 32768.
+// fastreg/cuda/prox.py's CE_SLOTS and kernel_names() mirror these lines.
 FASTREG_PROX_INSTANCES(__half, float, f16)
+FASTREG_CE_ROWS(__half, f16, 4, 512)
+FASTREG_CE_ROWS(__half, f16, 8, 512)
 FASTREG_PROX_INSTANCES(__nv_bfloat16, float, bf16)
+FASTREG_CE_ROWS(__nv_bfloat16, bf16, 4, 512)
+FASTREG_CE_ROWS(__nv_bfloat16, bf16, 8, 512)
 FASTREG_PROX_INSTANCES(float, float, f32)
+FASTREG_CE_ROWS(float, f32, 4, 1024)
 FASTREG_CE_ROWS(float, f32, 8, 1024)
 FASTREG_PROX_INSTANCES(double, double, f64)
+FASTREG_CE_ROWS(double, f64, 4, 1024)
 FASTREG_KERNEL(cross_entropy_count_i64, 1024,
                (const long long* __restrict__ target, int M, long long ignore,
                 long long* __restrict__ count),

@@ -9,6 +9,7 @@ reason, where its compiler or the CUDA headers are missing.
 """
 
 import pathlib
+import re
 import subprocess
 
 import pytest
@@ -16,12 +17,13 @@ import pytest
 import _nvrtc
 from fastreg.cuda import _source
 from fastreg.cuda import norm as cuda_norm
+from fastreg.cuda import prox as cuda_prox
 
 pytestmark = pytest.mark.gpu
 
 HERE = pathlib.Path(__file__).resolve().parent
 ARCH = "sm_90"
-MODULES = {"norm": cuda_norm}
+MODULES = {"norm": cuda_norm, "prox": cuda_prox}
 
 
 @pytest.fixture(scope="module")
@@ -88,6 +90,77 @@ def test_nvcc_reports_no_spills_in_the_hot_kernels(tmp_path):
     assert proc.returncode == 0, proc.stderr[-6000:]
     report = _nvrtc.ptxas_report(proc.stderr + proc.stdout)
     hot = cuda_norm.hot_kernel_names()
+    assert set(hot) <= set(report)
+    bad = {k: report[k] for k in hot
+           if report[k]["stack"] or report[k]["spill_stores"] or report[k]["spill_loads"]}
+    assert not bad, f"hot kernels with spills or stack frames: {bad}"
+
+
+# --------------------------------------------------------------------------- prox
+
+@pytest.fixture(scope="module")
+def nvrtc_prox(nvrtc):
+    lib, include = nvrtc
+    options = _source.nvrtc_options(ARCH, [include]) + ("--ptxas-options=-v",)
+    cubin, log = _nvrtc.compile_source(lib, _source.module_source("prox"), "prox.cu", options)
+    return cubin, log, _nvrtc.ptxas_report(log)
+
+
+def test_every_prox_instance_compiles_with_nvrtc(nvrtc_prox):
+    cubin, log, report = nvrtc_prox
+    names = cuda_prox.kernel_names()
+    missing = [n for n in names if f"{n}\0".encode() not in cubin]
+    assert not missing, f"kernels the launchers name but the cubin lacks: {missing}"
+    assert sorted(report) == sorted(names), "the module holds kernels no launcher names"
+    assert "warning" not in log.lower(), log
+
+
+def test_prox_nvrtc_build_has_no_spills_or_local_memory(nvrtc_prox):
+    _, _, report = nvrtc_prox
+    bad = {k: v for k, v in report.items() if v["stack"] or v["spill_stores"] or v["spill_loads"]}
+    assert not bad, f"spills or stack frames: {bad}"
+
+
+def _ptx_entries(ptx):
+    """{kernel: its PTX body} (device functions are inlined into the entries)."""
+    parts = re.split(r"\.visible \.entry (\w+)\(", ptx)
+    return dict(zip(parts[1::2], parts[2::2]))
+
+
+def test_prox_exact_kernels_contain_no_fused_multiply_add(nvrtc):
+    """The rounding contract (fastreg.prox "Update rules"): the elementwise prox, the
+    optimizer steps and the group apply pass round every operation on its own
+    (__fmul_rn & co.), so the PTX the compiler produces holds no fma at all;
+    the cross-entropy, which may contract, does."""
+    lib, include = nvrtc
+    options = _source.OPTIONS + _source.CUPY_ADDED_OPTIONS + ("--gpu-architecture=compute_90",
+                                                             f"-I{include}")
+    ptx, _ = _nvrtc.compile_source(lib, _source.module_source("prox"), "prox.cu", options,
+                                   output="PTX")
+    entries = _ptx_entries(ptx)
+    exact = [n for n in cuda_prox.kernel_names()
+             if n.startswith(("prox_elementwise", "sgd_step", "adam_step", "group_apply"))]
+    assert len(exact) == 16 and set(exact) <= set(entries)
+    fma = re.compile(r"\bfma\.")  # fma.rn.f64, fma.rn.ftz.f32 (CuPy's -ftz=true), ...
+    fused = {n: len(fma.findall(entries[n])) for n in exact if fma.search(entries[n])}
+    assert not fused, f"fused multiply-adds in kernels bound by the rounding contract: {fused}"
+    assert fma.search(entries["cross_entropy_rows_k8_f32"]), "the check would see an fma"
+
+
+@pytest.mark.slow
+def test_nvcc_reports_no_spills_in_the_prox_hot_kernels(tmp_path):
+    nvcc = _nvrtc.find_nvcc()
+    if nvcc is None:
+        pytest.skip("nvcc not found")
+    src = tmp_path / "prox.cu"
+    src.write_text(_source.module_source("prox"))
+    proc = subprocess.run([nvcc, f"-arch={ARCH}", "-cubin", "-Xptxas", "-v",
+                           *_source.OPTIONS, *_source.CUPY_ADDED_OPTIONS, str(src),
+                           "-o", str(tmp_path / "prox.cubin")],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    report = _nvrtc.ptxas_report(proc.stderr + proc.stdout)
+    hot = cuda_prox.hot_kernel_names()
     assert set(hot) <= set(report)
     bad = {k: report[k] for k in hot
            if report[k]["stack"] or report[k]["spill_stores"] or report[k]["spill_loads"]}

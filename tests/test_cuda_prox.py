@@ -317,14 +317,23 @@ def test_mixed_dtype_list_runs_one_launch_per_dtype(rng):
 
 COMBOS = [("mean", 0.25, "uniform"), ("sum", 0.0, "others"), ("none", 0.1, "others"),
           ("mean", 0.0, "uniform")]
-# (shape, options, combos): warp rows with scalar loads (odd K), block rows, the
-# 1024-thread float32 row of 32000 classes (16-bit: K = 4 slots), the loop path
+# (shape, options, combos). Scalar loads (contig: 3 elements into a guarded
+# buffer) and 16-byte vectors (aligned, K % 8 == 0) at every register-path
+# instance: K = 48, 96, 200, 400, 1000, 2000 and 32000 take KS = 1, 2, 4, 8 slots
+# at R = 32..1024 threads per row depending on the dtype (32000: float32 at
+# R = 1024, KS = 8, the benchmark's case; float64 the loop path); 40000 and
+# 9001 take the loop path.
 CE_CASES = [
     ((1, 1), {}, (0, 1)), ((13, 17), {}, (0, 1, 2, 3)), ((6, 2), {}, (1, 2)), ((0, 5), {}, (0, 1)),
     ((64, 100), {"ignore": True}, (0, 2)), ((9, 33), {"layout": "strided"}, (0, 2)),
     ((9, 33), {"layout": "transposed", "ignore": True}, (3,)),
-    ((5, 7), {"all_ignored": True}, (0, 1)), ((3, 3001), {}, (0,)),
-    ((4, 1024), {"ignore": True}, (2,)), ((2, 32000), {}, (0,)), ((2, 40000), {"ignore": True}, (3,)),
+    ((5, 7), {"all_ignored": True}, (0, 1)),
+    ((6, 48), {"layout": "aligned"}, (0,)), ((4, 96), {"layout": "aligned"}, (1,)),
+    ((5, 200), {"layout": "aligned"}, (2,)),
+    ((4, 400), {"layout": "aligned", "ignore": True}, (3,)), ((3, 1000), {"layout": "aligned"}, (1,)),
+    ((3, 2000), {"layout": "aligned"}, (0,)), ((2, 32000), {"layout": "aligned"}, (0,)),
+    ((5, 199), {}, (0,)), ((4, 399), {}, (1,)), ((3, 999), {}, (2,)), ((3, 1999), {}, (3,)),
+    ((3, 3001), {}, (0,)), ((2, 40000), {"layout": "aligned", "ignore": True}, (3,)),
     ((2, 9001), {}, (2,)),
 ]
 CE_PARAMS = [(s, o, COMBOS[c]) for s, o, cs in CE_CASES for c in cs
@@ -350,6 +359,8 @@ def test_cross_entropy_matches_reference(shape, opts, combo, dtype, target, rng)
     reduction, smoothing, style = combo
     p, tgt, ignore = _ce_inputs(rng, shape, dtype, opts)
     z, z0, t0 = p.a, p.a.copy(), tgt.copy()
+    if opts.get("layout") == "aligned":
+        assert z.ctypes.data % 16 == 0, "an aligned case whose logits are not 16-byte aligned"
     kw = dict(smoothing=smoothing, reduction=reduction, ignore_index=ignore, style=style)
     case = f"ce {np.dtype(dtype).name} {shape} {opts} {kw} on {target}"
     zd, td = _to(target, z), _to(target, tgt)

@@ -65,7 +65,12 @@ VEC = {"f16": 8, "bf16": 8, "f32": 4, "f64": 2}  # elements per 16 bytes
 THREADS = 256                 # elementwise prox and optimizer blocks
 VECTORS_PER_THREAD = 4        # prox: 16-byte vectors per thread (grid size)
 CHUNK = 1 << 14               # optimizer steps: elements per block (a multiple of 8)
-CE_SLOTS = {"f16": (1, 2, 4), "bf16": (1, 2, 4), "f32": (1, 2, 4, 8), "f64": (1, 2, 4)}
+# (KS, largest block) of the register-path instances, as instantiated at the end of
+# kernels/prox.cu: the block bound sets the register budget (65536 / threads)
+CE_SLOTS = {"f16": ((1, 1024), (2, 1024), (4, 512), (8, 512)),
+            "bf16": ((1, 1024), (2, 1024), (4, 512), (8, 512)),
+            "f32": ((1, 1024), (2, 1024), (4, 1024), (8, 1024)),
+            "f64": ((1, 1024), (2, 1024), (4, 1024))}
 CE_MIN_THREADS = 128
 CE_LOOP_THREADS = 1024
 CE_REDUCE_THREADS = 1024      # cross_entropy_count / cross_entropy_loss: one block
@@ -84,7 +89,7 @@ def kernel_names():
     names = []
     for tag in VEC:
         names += [f"prox_elementwise_{tag}", f"sgd_step_{tag}", f"adam_step_{tag}"]
-        for ks in CE_SLOTS[tag]:
+        for ks, _ in CE_SLOTS[tag]:
             names += [f"cross_entropy_rows_k{ks}_{tag}", f"cross_entropy_rows_k{ks}_scalar_{tag}"]
         names += [f"cross_entropy_loop_{tag}", f"cross_entropy_loss_{tag}",
                   f"group_stats_{tag}", f"group_coefficients_{tag}", f"group_apply_{tag}"]
@@ -246,8 +251,8 @@ def ce_plan(tag, K):
     N = VEC[tag]
     R = 32
     while R <= 1024:
-        for ks in CE_SLOTS[tag]:
-            if R * ks * N >= K:
+        for ks, max_threads in CE_SLOTS[tag]:
+            if R <= max_threads and R * ks * N >= K:
                 return R, ks
         R *= 2
     return None
