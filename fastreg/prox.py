@@ -290,16 +290,18 @@ def _check_tensors(caller, backend, ws, listed, state, written):
     ``state`` maps names to lists of arrays (None where the state is unused);
     the names in ``written`` are updated in place. Every array must have its
     parameter's shape and dtype; nothing may share memory with anything else.
-    The common case (NumPy arrays that pass) costs a few attribute reads per
-    array; the detailed checks run only to word an error.
+    The common case (NumPy or CuPy arrays of one type that pass) costs a few
+    attribute reads per array; the detailed checks run only to word an error.
     """
     if listed and len(ws) == 0:
         return None
     label = (lambda name, i: f"{name}[{i}]") if listed else (lambda name, i: name)
     columns = [(k, v) for k, v in state.items() if v is not None]
     arrays = [ws] + [v for _, v in columns]
-    if not all(type(a) is np.ndarray for col in arrays for a in col):
-        for i, w in enumerate(ws):             # mixed or non-NumPy: the generic checks
+    kind = type(ws[0])                         # NumPy or CuPy arrays, one type: a few
+    if _backend.array_kind(ws[0]) is None or \
+            not all(type(a) is kind for col in arrays for a in col):   # attribute reads each
+        for i, w in enumerate(ws):             # mixed or not arrays: the generic checks
             _checks.same_kind(caller, **{label("w", i): w},
                               **{label(k, i): v[i] for k, v in columns})
             _backend.dtypes("prox", w, *(v[i] for _, v in columns), backend=backend,
@@ -315,8 +317,8 @@ def _check_tensors(caller, backend, ws, listed, state, written):
         named.append((label("w", i), w))
         for k, v in columns:
             a = v[i]
-            if (type(a) is not np.ndarray or a.shape != w.shape or a.dtype != w.dtype
-                    or (k in written and not a.flags.writeable)):
+            if (type(a) is not kind or a.shape != w.shape or a.dtype != w.dtype
+                    or (k in written and not _checks._writeable(a))):
                 _checks.like(label(k, i), a, caller=caller, shape=w.shape, dtype=w.dtype,
                              writeable=k in written, none_ok=False)
             named.append((label(k, i), a))
@@ -583,9 +585,12 @@ def cross_entropy_label_smoothing(logits, target, *, smoothing, reduction="mean"
     if style == "others" and K < 2 and smoothing > 0:
         raise ValueError(f"{caller}: style='others' spreads 'smoothing' over the K - 1 other "
                          f"classes and needs K >= 2, got K = {K}.")
-    valid = target if ignore_index is None else target[target != ignore_index]
-    if valid.size and (int(valid.min()) < 0 or int(valid.max()) >= K):
-        bad = valid[(valid < 0) | (valid >= K)][0]
+    # one reduction (on CuPy arrays one synchronization) for the common, valid case
+    outside = (target < 0) | (target >= K)
+    if ignore_index is not None:
+        outside &= target != ignore_index
+    if bool(outside.any()):
+        bad = target[outside][0]
         raise ValueError(f"{caller}: 'target' must hold class indices in [0, {K})"
                          f"{'' if ignore_index is None else ' or ignore_index'}, got {int(bad)}.")
     loss_shape = (N,) if reduction == "none" else ()
