@@ -48,15 +48,28 @@ penalty ``l1 * |w|_1``: elements end exactly at zero, where a subgradient
 ``l1 * sign(w)`` added to the gradient would oscillate around it.
 
 Another backend reproduces the CPU results bit for bit when it rounds every
-operation as written, with IEEE division and square root: in CUDA,
-``__fmul_rn``/``__fadd_rn`` (or ``--fmad=false``) keep the compiler from
-contracting ``a * b + c`` into one fused multiply-add; denormal results
-differ where the GPU flushes them to zero (CuPy compiles with ``-ftz=true``).
+operation as written, with IEEE division and square root. The CUDA kernels do
+(``kernels/prox.cu``): ``__fmul_rn``/``__fadd_rn`` & co. keep the compiler
+from contracting ``a * b + c`` into one fused multiply-add, so the elementwise
+prox, the optimizer steps and the apply pass of the group ops give the CPU's
+float32/float64 bits; denormal results differ where the GPU flushes them to
+zero (CuPy compiles with ``-ftz=true``). float16/bfloat16 (GPU only) compute
+in float32, with the scalars rounded once to float32, and round once when
+stored.
 
 Conventions
 -----------
-- dtypes float32 and float64 on the CPU. Optimizer state (momentum buffer,
-  ``exp_avg``, ...) has the parameter's dtype, as PyTorch keeps it.
+- Backends: NumPy arrays run the Numba kernels ("cpu") or the NumPy reference
+  ("reference"); CuPy arrays run the CUDA kernels ("cuda"); "cuda_emulator"
+  runs those CUDA kernels on NumPy arrays under a host emulation.
+- dtypes float32 and float64 on the CPU; float16, bfloat16
+  (``ml_dtypes.bfloat16``), float32 and float64 on the CUDA backends.
+  Optimizer state (momentum buffer, ``exp_avg``, ...) has the parameter's
+  dtype, as PyTorch keeps it; 16-bit state is loaded to float32, updated,
+  used for the step and stored rounded, as PyTorch's fused CUDA Adam does.
+- The cross-entropy and the group statistics sum in other orders on the GPU
+  than on the CPU (and the cross-entropy's exp differs): they agree with the
+  reference within rounding, not bit for bit.
 - In place: ``*_step`` update ``w`` and its state arrays in place (and return
   ``w``); ``prox_*``/``max_norm`` write ``out`` (``out=w`` for in place).
   Nothing else is modified. Arrays updated in place must be writeable and
@@ -112,13 +125,13 @@ def prox_l1(w, threshold, *, out=None, backend=None):
 
     Parameters
     ----------
-    w : ndarray, float32 or float64, any shape and layout
+    w : ndarray, float32 or float64 (GPU: also float16, bfloat16), any shape and layout
     threshold : float >= 0, or an array of w's dtype that broadcasts to
         ``w.shape`` (per-element or per-channel thresholds), finite and >= 0
     out : ndarray like w, or None
         Where to write ``y``; ``out=w`` updates w in place. A fresh array
         (same memory layout as w) when None.
-    backend : None, "cpu" or "reference"
+    backend : None, "cpu", "reference", "cuda" or "cuda_emulator"
 
     Returns
     -------

@@ -10,6 +10,7 @@
 //               w = soft(w + (-lr/bc1)*m / (sqrt(u)/sqrt(bc2) + eps), lr*l1)
 //   cross-entropy, per row z (K classes), target t, smoothed q = off + on*onehot(t):
 //               loss = max + log(sum exp(z - max)) - on*z_t - off*sum z
+//               (a term of weight 0 adds 0: -inf logits, masked classes, stay finite)
 //               dz = scale * (exp(z - max) / sum - q)
 //   groups      x viewed as (P, Q, R), reduced over Q: per group (p, r) a shift,
 //               a scale and an offset, then y = (x - shift) * scale + offset
@@ -29,36 +30,49 @@
 // The cross-entropy and the group statistics use ordinary arithmetic
 // (contractions allowed): their sums run over trees the CPU does not share.
 //
-// Strategies and bytes (minimal: each input read once, each output written once):
+// Strategies, bytes (minimal: each input read once, each output written once)
+// and the bound each kernel should reach on an H100 (HBM3, ~3.35 TB/s peak,
+// a copy ceiling near 3 TB/s read + written). None of this has been timed
+// on a GPU yet: bench/gpu_check.py measures it.
 // - prox_elementwise: grid-stride over 16-byte vectors (a scalar loop where a
-//   pointer is misaligned). Reads x (and array thresholds), writes y.
+//   pointer is misaligned), 4 vectors per thread. Reads x (and array
+//   thresholds), writes y: 8 bytes per float32 element in place, memory-bound.
 // - sgd_step / adam_step (lists in one launch, multi-tensor-apply style): the
-//   host uploads a table of int64 rows (stream addresses, size, first chunk);
-//   block b owns chunk b (`chunk` elements of one tensor) and finds its tensor
-//   by binary search of the first-chunk column. 16-byte vectors where the
-//   tensor's streams are aligned. SGD reads w, g (+ buffer), writes w
-//   (+ buffer); Adam reads w, g, m, v (+ vmax), writes w, m, v (+ vmax). On an
-//   H100 these should run at the copy bandwidth (~3 TB/s read + written).
+//   host uploads a table of int64 rows (5 stream addresses, size, first
+//   chunk); block b owns chunk b (`chunk` elements of one tensor, 16384 from
+//   fastreg/cuda/prox.py) and finds its tensor by binary search of the
+//   first-chunk column. 16-byte vectors where the tensor's streams are
+//   aligned. SGD with momentum reads w, g, buffer and writes w, buffer (20
+//   bytes per float32 element: 1.34 GB for 2^26 parameters, ~0.45 ms at
+//   3 TB/s; the issue's bar is 2700 GB/s); Adam reads w, g, m, v (+ vmax) and
+//   writes w, m, v (+ vmax) (28 bytes per float32 element).
 // - cross_entropy_rows_k<KS>: a row group of R threads (a power of two,
 //   32..1024) owns a row and holds it in registers as KS 16-byte slots per
-//   thread (K <= R * KS * 16 / sizeof(T): 32768 float32, 16384 float64, 65536
-//   16-bit classes at R = 1024, KS = 8). Max, then the sums (exp, z, z_t) in
-//   one reduction, then the gradient from the registers: logits read once,
-//   gradient written once, 2 * N * K * sizeof(T) bytes (+ 8 N for the
-//   targets). float32/float64 slots keep exp(z - max) between the passes;
-//   16-bit slots recompute it. At (8192, 32000) float32 that is 2.1 GB; at the
-//   H100's ~3 TB/s this bounds the kernel at ~0.7 ms (unmeasured).
+//   thread (K <= R * KS * 16 / sizeof(T): float32 rows of up to 32768
+//   classes at R = 1024, KS = 8; 16-bit rows of 32768 at R = 512, KS = 8;
+//   float64 rows of 8192 at R = 1024, KS = 4). Max, then the sums (exp, z,
+//   z_t) in one reduction, then the gradient from the registers: the logits
+//   are read once and the gradient written once, 2 * N * K * sizeof(T) bytes
+//   (+ 8 N for the targets). float32/float64 slots keep exp(z - max) between
+//   the passes; 16-bit slots recompute it. At (8192, 32000) float32 that is
+//   2.1 GB, ~0.7 ms at 3 TB/s (the issue's bar, 2x Liger-Kernel: 2322 GB/s,
+//   0.90 ms); bfloat16 1.05 GB (bar 1756 GB/s, 0.60 ms). One row per block at
+//   that size: the block's load, reduction and store phases do not overlap,
+//   the other SMs' do.
 // - cross_entropy_loop: longer rows, one row per 1024-thread block: an online
 //   (max, sum exp) pass, then the gradient pass, which reads the row again
-//   (from L2 while the rows in flight fit in it).
+//   (from L2 while the rows in flight fit in it): up to 3 N K sizeof(T) bytes.
 // - cross_entropy_count / cross_entropy_loss: one block each, over the
-//   targets (rows not ignored) and the per-row losses ("mean"/"sum").
-// - group_stats / group_coefficients / group_apply: blocks of (RT, QT, PT)
-//   threads (r, q, p) tile x; each block reduces its rows q0..q1 of Q into
-//   float64 partials per group (sum x^2; shifted sums; min and max), a
-//   thread per group combines the partials in block order into the
-//   coefficients, and the apply pass rewrites x tile by tile. Reads x twice,
-//   writes y; partials 8 * P * R * Q / q_rows bytes per statistic.
+//   targets (rows not ignored; "mean" with ignore_index) and the float64 row
+//   losses ("mean"/"sum"): 8 N bytes each.
+// - group_stats / group_coefficients / group_apply: 256-thread blocks tile x
+//   as (rt, qt, pt) threads along (r, q, p); each block reduces its rows
+//   q0..q1 of Q into float64 partials per group (sum x^2; shifted sums; min
+//   and max), a thread per group combines the partials in block order into
+//   the coefficients, and the apply pass rewrites x tile by tile. Reads x
+//   twice and writes y (3 passes; the second read hits L2 only for small x);
+//   partials 8 * P * R * Q / q_rows bytes per statistic. Loads are coalesced
+//   (consecutive threads, consecutive r or q) but scalar.
 //
 // Reduction order (every result bitwise identical run to run): within a
 // thread, its elements in increasing index; across a row group, warp
@@ -67,7 +81,7 @@
 // partials in block order. No atomics.
 //
 // Limits: element counts < 2^63; cross-entropy N < 2^31 rows and K < 2^31
-// classes; group ops Q, R < 2^31 and P * nqb * nrb < 2^31 blocks.
+// classes; group ops Q, R < 2^31 and fewer than 2^31 blocks.
 #include "common.cuh"
 
 namespace fastreg {
