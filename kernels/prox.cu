@@ -246,7 +246,8 @@ __device__ __forceinline__ void sgd_step(const long long* __restrict__ table, in
         for (int i = 0; i < N; ++i) bv[i] = A(0);
       }
 #pragma unroll
-      for (int i = 0; i < N; ++i) wv[i] = sgd_value(wv[i], gv[i], bv[i], s, mode, coupled, nesterov);
+      for (int i = 0; i < N; ++i)
+        wv[i] = sgd_value(wv[i], gv[i], bv[i], s, mode, coupled, nesterov);
       store_vec(w + j * N, wv);
       if (b != nullptr) store_vec(b + j * N, bv);
     }
@@ -339,7 +340,9 @@ __device__ __forceinline__ float exp_acc(float v) { return expf(v); }
 __device__ __forceinline__ double exp_acc(double v) { return exp(v); }
 
 template <typename A> __device__ __forceinline__ A neg_inf();
-template <> __device__ __forceinline__ float neg_inf<float>() { return __uint_as_float(0xff800000u); }
+template <> __device__ __forceinline__ float neg_inf<float>() {
+  return __uint_as_float(0xff800000u);
+}
 template <> __device__ __forceinline__ double neg_inf<double>() {
   return __hiloint2double(int(0xfff00000u), 0);
 }
@@ -566,9 +569,10 @@ __device__ __forceinline__ void ce_rows(const T* z, const long long* __restrict_
 }
 
 // Online (max, sum exp) state of a set of logits, and its merge: the sums
-// rescaled to the larger maximum. Symmetric in its arguments (bit for bit),
-// so butterflies agree in every lane; a state at -inf (no element, or only
-// -inf logits) adds nothing to a finite one.
+// rescaled to the larger maximum. Symmetric in its arguments bit for bit (the
+// products are __fmul_rn, which no compiler fuses with the sum in one lane's
+// order only), so butterflies agree in every lane; a state at -inf (no
+// element, or only -inf logits) adds nothing to a finite one.
 template <typename A>
 struct SoftmaxState {
   A m, s, sz, zt;  // max, sum exp(z - m), sum z, z[target]
@@ -578,7 +582,8 @@ template <typename A>
 __device__ __forceinline__ SoftmaxState<A> softmax_merge(SoftmaxState<A> a, SoftmaxState<A> b) {
   SoftmaxState<A> r;
   r.m = max_ignoring_nan(a.m, b.m);
-  r.s = (a.m == r.m ? a.s : a.s * exp_acc(a.m - r.m)) + (b.m == r.m ? b.s : b.s * exp_acc(b.m - r.m));
+  r.s = (a.m == r.m ? a.s : mul_rn(a.s, exp_acc(a.m - r.m))) +
+        (b.m == r.m ? b.s : mul_rn(b.s, exp_acc(b.m - r.m)));
   r.sz = a.sz + b.sz;
   r.zt = a.zt + b.zt;
   return r;

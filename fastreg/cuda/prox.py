@@ -34,9 +34,10 @@ Geometry (fixed by the shapes alone, so results are bitwise identical run to run
   call: a Python loop over the tensors' addresses and one small upload.
   Tensors that are not C-contiguous go through contiguous temporaries.
 - cross-entropy: ``ce_plan`` picks the smallest row group R (32..1024) and
-  then the fewest slots KS (``CE_SLOTS``) that hold a row in registers:
-  R * KS * N >= K, N = 16 / itemsize. Blocks of max(R, 128) threads, one row
-  per group. Longer rows (float32 K > 32768, 16-bit K > 32768, float64
+  then the fewest slots KS (``CE_SLOTS``, each instance with its largest
+  block) that hold a row in registers: R * KS * N >= K, N = 16 / itemsize
+  ((8192, 32000): float32 R = 1024, KS = 8; 16-bit R = 512, KS = 8). Blocks of
+  max(R, 128) threads, one row per group. Longer rows (float32 K > 32768, 16-bit K > 32768, float64
   K > 8192): the loop kernel, one row per 1024-thread block. Rows take
   16-byte loads when K % N == 0 and the logits and the gradient are 16-byte
   aligned, else the scalar instance. "mean" with ``ignore_index`` counts the
