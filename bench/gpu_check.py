@@ -21,7 +21,8 @@ CI by tests/test_gpu_check.py); everything that needs CuPy or torch is
 imported inside the functions that time. Ops are rows of ``OPS``, each an
 ``OpBench`` subclass: layer and RMS norm (rows), batch norm (NCHW and NHWC,
 training with running statistics, fused forward/backward against ATen's
-native ops), group norm (NCHW and NHWC, G = 32) and instance norm.
+native ops), group norm (NCHW and NHWC, G = 32), instance norm, and the prox
+family's optimizer steps and label-smoothed cross-entropy.
 """
 
 from __future__ import annotations
@@ -307,6 +308,157 @@ def _liger_group_norm(case, torch, x, w, b, dy, G, eps):
 OPS = {"layer_norm": RowNorm("layer_norm"), "rms_norm": RowNorm("rms_norm"),
        "batch_norm": ChannelNorm("batch_norm"), "group_norm": ChannelNorm("group_norm"),
        "instance_norm": ChannelNorm("instance_norm")}
+
+
+# --------------------------------------------------------------------------- prox family
+# Issue 5's GPU targets (H100, GB/s over the minimal bytes): SGD with momentum,
+# decoupled decay and L1 (PyTorch's eager composite: 426 GB/s); AdamW with L1 at
+# least level with PyTorch's fused AdamW without L1 (2572 GB/s); the fused
+# label-smoothed cross-entropy at 2x Liger-Kernel's (1161 GB/s float32, 878 bfloat16).
+TARGETS.update({
+    ("sgd_step", "step", "float32"): 2700,
+    ("adamw_step", "step", "float32"): 2572,
+    ("cross_entropy", "fwd_bwd", "float32"): 2 * 1161,
+    ("cross_entropy", "fwd_bwd", "bfloat16"): 2 * 878,
+})
+PROX_LR, PROX_L1, PROX_MOMENTUM, PROX_WD, SMOOTHING = 1e-3, 1e-2, 0.9, 1e-2, 0.1
+
+
+def prox_step_bytes(op, tensors, n, dtype):
+    """Minimal bytes of one step over ``tensors`` tensors of n elements: SGD with
+    momentum reads w, g, buffer and writes w, buffer; AdamW reads w, g, m, v and
+    writes w, m, v."""
+    return (5 if op == "sgd_step" else 7) * tensors * n * ITEMSIZE[dtype]
+
+
+def cross_entropy_bytes(N, K, dtype):
+    """The issue's count: logits read once and their gradient written once (the
+    targets, 8 N bytes, and the loss are left out)."""
+    return 2 * N * K * ITEMSIZE[dtype]
+
+
+class ProxStep(OpBench):
+    """sgd_step (momentum, decoupled weight decay, L1) or adamw_step (L1) over a
+    list of T tensors of n elements, shape (T, n): fastreg's one launch per
+    step beside PyTorch's foreach SGD / fused AdamW followed by softshrink on each
+    tensor, and (AdamW) fused AdamW alone, the issue's bar."""
+
+    SHAPES = ((1, 1 << 26), (256, 1 << 18))
+    QUICK_SHAPES = ((1, 1 << 24),)
+    DTYPES = ("float32",)
+
+    def __init__(self, name):
+        self.name = name
+
+    def cases(self, quick):
+        return [Case(self.name, "step", shape, dt) for shape in
+                (self.QUICK_SHAPES if quick else self.SHAPES) for dt in self.DTYPES]
+
+    def nbytes(self, case):
+        return prox_step_bytes(case.op, *case.shape, case.dtype)
+
+    def prepare(self, case, torch, cupy):
+        import fastreg
+        T, n = case.shape
+        tdt = getattr(torch, case.dtype)
+        g = torch.Generator(device="cuda").manual_seed(0)
+        params = [torch.randn(n, device="cuda", dtype=tdt, generator=g) for _ in range(T)]
+        grads = [torch.randn(n, device="cuda", dtype=tdt, generator=g) * 1e-2 for _ in range(T)]
+        cw = [cupy.from_dlpack(p.clone()) for p in params]
+        cg = [cupy.from_dlpack(x) for x in grads]
+        softshrink = torch._C._nn.softshrink
+        step = [0]
+        peers = {}
+        if case.op == "sgd_step":
+            bufs = [cupy.zeros_like(w) for w in cw]
+
+            def ours():
+                step[0] += 1
+                fastreg.sgd_step(cw, cg, lr=PROX_LR, momentum=PROX_MOMENTUM,
+                                 decoupled_weight_decay=PROX_WD, l1=PROX_L1,
+                                 momentum_buffer=bufs, first_step=step[0] == 1)
+            peers["fastreg"] = ours
+            ps = _torch_params(torch, params, grads)
+            opt = torch.optim.SGD(ps, lr=PROX_LR, momentum=PROX_MOMENTUM, weight_decay=PROX_WD,
+                                  foreach=True)
+            peers["torch"] = _then_softshrink(opt, ps, softshrink)
+        else:
+            m = [cupy.zeros_like(w) for w in cw]
+            v = [cupy.zeros_like(w) for w in cw]
+
+            def ours():
+                step[0] += 1
+                fastreg.adamw_step(cw, cg, m, v, step=step[0], lr=PROX_LR, weight_decay=PROX_WD,
+                                   l1=PROX_L1)
+            peers["fastreg"] = ours
+            ps = _torch_params(torch, params, grads)
+            opt = torch.optim.AdamW(ps, lr=PROX_LR, weight_decay=PROX_WD, fused=True)
+            peers["torch"] = _then_softshrink(opt, ps, softshrink)
+            ps2 = _torch_params(torch, params, grads)
+            peers["torch_fused_no_l1"] = torch.optim.AdamW(ps2, lr=PROX_LR, weight_decay=PROX_WD,
+                                                           fused=True).step
+        return peers
+
+
+def _torch_params(torch, params, grads):
+    ps = [torch.nn.Parameter(p.clone()) for p in params]
+    for p, gr in zip(ps, grads):
+        p.grad = gr
+    return ps
+
+
+def _then_softshrink(opt, ps, softshrink):
+    def run():
+        opt.step()
+        for p in ps:
+            softshrink(p.data, PROX_LR * PROX_L1, out=p.data)
+    return run
+
+
+class CrossEntropy(OpBench):
+    """cross_entropy_label_smoothing (loss and gradient in one pass, reduction
+    "mean", smoothing 0.1) beside PyTorch's cross_entropy forward + backward and
+    Liger-Kernel's fused cross-entropy (which writes the gradient over its input)."""
+
+    name = "cross_entropy"
+    SHAPES = ((8192, 32000),)
+    QUICK_SHAPES = ((2048, 32000),)
+    DTYPES = ("float32", "bfloat16")
+
+    def cases(self, quick):
+        return [Case(self.name, "fwd_bwd", shape, dt) for shape in
+                (self.QUICK_SHAPES if quick else self.SHAPES) for dt in self.DTYPES]
+
+    def nbytes(self, case):
+        return cross_entropy_bytes(*case.shape, case.dtype)
+
+    def prepare(self, case, torch, cupy):
+        import fastreg
+        N, K = case.shape
+        tdt = getattr(torch, case.dtype)
+        g = torch.Generator(device="cuda").manual_seed(0)
+        x = (torch.randn(N, K, device="cuda", generator=g) * 3).to(tdt)
+        t = torch.randint(0, K, (N,), device="cuda", generator=g)
+        cx, ct = cupy.from_dlpack(x), cupy.from_dlpack(t)
+        out = (cupy.empty((), cx.dtype), cupy.empty_like(cx))
+        peers = {"fastreg": lambda: fastreg.cross_entropy_label_smoothing(
+            cx, ct, smoothing=SMOOTHING, out=out)}
+        F = torch.nn.functional
+        xr = x.detach().clone().requires_grad_()
+        peers["torch"] = lambda: torch.autograd.grad(
+            F.cross_entropy(xr, t, label_smoothing=SMOOTHING), xr)
+        try:
+            from liger_kernel.transformers.functional import liger_cross_entropy
+        except ImportError:
+            return peers
+        xl = x.detach().clone().requires_grad_()
+        peers["liger"] = lambda: torch.autograd.grad(
+            liger_cross_entropy(xl, t, label_smoothing=SMOOTHING), xl)
+        return peers
+
+
+OPS.update({"sgd_step": ProxStep("sgd_step"), "adamw_step": ProxStep("adamw_step"),
+            "cross_entropy": CrossEntropy()})
 
 
 def select_cases(pattern="*", quick=False):

@@ -247,6 +247,8 @@ def scalar_or_array(name, value, *, caller, dtype, shape, ge=None, gt=None):
 
 
 def _address(a):
+    if _backend.array_kind(a) == "cupy":
+        return a.data.ptr
     return a.__array_interface__["data"][0]
 
 
@@ -254,7 +256,8 @@ def same_view(a, b):
     """True when ``a`` and ``b`` are the same elements in the same order (``out=x``)."""
     if a is b:
         return True
-    if _backend.array_kind(a) != "numpy" or _backend.array_kind(b) != "numpy":
+    kind = _backend.array_kind(a)
+    if kind is None or kind != _backend.array_kind(b):
         return False
     return (a.shape == b.shape and a.strides == b.strides and a.dtype == b.dtype
             and _address(a) == _address(b))
@@ -281,7 +284,7 @@ def inplace_out(caller, out_arg, x, *, name, inputs):
     if not _writeable(out_arg):
         _fail(ValueError, caller, "out", "writeable", "a read-only array")
     if not same_view(out_arg, x) and _backend.may_share_memory(out_arg, x) \
-            and np.shares_memory(out_arg, x):
+            and shares_memory(out_arg, x):
         _fail(ValueError, caller, "out", f"'{name}' itself (in place) or memory separate from it",
               "an overlapping view")
     for in_name, a in inputs.items():
@@ -317,8 +320,17 @@ def disjoint(caller, named):
     for lo, hi, i in spans:
         active = [(h, j) for h, j in active if h > lo]
         for _, j in active:
-            if np.shares_memory(named[i][1], named[j][1]):
+            if shares_memory(named[i][1], named[j][1]):
                 first, second = sorted((i, j))
                 _fail(ValueError, caller, named[second][0],
                       f"memory separate from '{named[first][0]}'", "an overlapping array")
         active.append((hi, i))
+
+
+def shares_memory(a, b):
+    """Whether arrays of one library share an element (exact; NumPy's or CuPy's
+    ``shares_memory``, which for CuPy runs on the device)."""
+    if _backend.array_kind(a) == "cupy":
+        import cupy
+        return bool(cupy.shares_memory(a, b))
+    return bool(np.shares_memory(a, b))

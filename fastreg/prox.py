@@ -48,15 +48,28 @@ penalty ``l1 * |w|_1``: elements end exactly at zero, where a subgradient
 ``l1 * sign(w)`` added to the gradient would oscillate around it.
 
 Another backend reproduces the CPU results bit for bit when it rounds every
-operation as written, with IEEE division and square root: in CUDA,
-``__fmul_rn``/``__fadd_rn`` (or ``--fmad=false``) keep the compiler from
-contracting ``a * b + c`` into one fused multiply-add; denormal results
-differ where the GPU flushes them to zero (CuPy compiles with ``-ftz=true``).
+operation as written, with IEEE division and square root. The CUDA kernels do
+(``kernels/prox.cu``): ``__fmul_rn``/``__fadd_rn`` & co. keep the compiler
+from contracting ``a * b + c`` into one fused multiply-add, so the elementwise
+prox, the optimizer steps and the apply pass of the group ops give the CPU's
+float32/float64 bits; denormal results differ where the GPU flushes them to
+zero (CuPy compiles with ``-ftz=true``). float16/bfloat16 (GPU only) compute
+in float32, with the scalars rounded once to float32, and round once when
+stored.
 
 Conventions
 -----------
-- dtypes float32 and float64 on the CPU. Optimizer state (momentum buffer,
-  ``exp_avg``, ...) has the parameter's dtype, as PyTorch keeps it.
+- Backends: NumPy arrays run the Numba kernels ("cpu") or the NumPy reference
+  ("reference"); CuPy arrays run the CUDA kernels ("cuda"); "cuda_emulator"
+  runs those CUDA kernels on NumPy arrays under a host emulation.
+- dtypes float32 and float64 on the CPU; float16, bfloat16
+  (``ml_dtypes.bfloat16``), float32 and float64 on the CUDA backends.
+  Optimizer state (momentum buffer, ``exp_avg``, ...) has the parameter's
+  dtype, as PyTorch keeps it; 16-bit state is loaded to float32, updated,
+  used for the step and stored rounded, as PyTorch's fused CUDA Adam does.
+- The cross-entropy and the group statistics sum in other orders on the GPU
+  than on the CPU (and the cross-entropy's exp differs): they agree with the
+  reference within rounding, not bit for bit.
 - In place: ``*_step`` update ``w`` and its state arrays in place (and return
   ``w``); ``prox_*``/``max_norm`` write ``out`` (``out=w`` for in place).
   Nothing else is modified. Arrays updated in place must be writeable and
@@ -112,13 +125,13 @@ def prox_l1(w, threshold, *, out=None, backend=None):
 
     Parameters
     ----------
-    w : ndarray, float32 or float64, any shape and layout
+    w : ndarray, float32 or float64 (GPU: also float16, bfloat16), any shape and layout
     threshold : float >= 0, or an array of w's dtype that broadcasts to
         ``w.shape`` (per-element or per-channel thresholds), finite and >= 0
     out : ndarray like w, or None
         Where to write ``y``; ``out=w`` updates w in place. A fresh array
         (same memory layout as w) when None.
-    backend : None, "cpu" or "reference"
+    backend : None, "cpu", "reference", "cuda" or "cuda_emulator"
 
     Returns
     -------
@@ -290,16 +303,18 @@ def _check_tensors(caller, backend, ws, listed, state, written):
     ``state`` maps names to lists of arrays (None where the state is unused);
     the names in ``written`` are updated in place. Every array must have its
     parameter's shape and dtype; nothing may share memory with anything else.
-    The common case (NumPy arrays that pass) costs a few attribute reads per
-    array; the detailed checks run only to word an error.
+    The common case (NumPy or CuPy arrays of one type that pass) costs a few
+    attribute reads per array; the detailed checks run only to word an error.
     """
     if listed and len(ws) == 0:
         return None
     label = (lambda name, i: f"{name}[{i}]") if listed else (lambda name, i: name)
     columns = [(k, v) for k, v in state.items() if v is not None]
     arrays = [ws] + [v for _, v in columns]
-    if not all(type(a) is np.ndarray for col in arrays for a in col):
-        for i, w in enumerate(ws):             # mixed or non-NumPy: the generic checks
+    kind = type(ws[0])                         # NumPy or CuPy arrays, one type: a few
+    if _backend.array_kind(ws[0]) is None or \
+            not all(type(a) is kind for col in arrays for a in col):   # attribute reads each
+        for i, w in enumerate(ws):             # mixed or not arrays: the generic checks
             _checks.same_kind(caller, **{label("w", i): w},
                               **{label(k, i): v[i] for k, v in columns})
             _backend.dtypes("prox", w, *(v[i] for _, v in columns), backend=backend,
@@ -309,14 +324,14 @@ def _check_tensors(caller, backend, ws, listed, state, written):
     for i, w in enumerate(ws):
         if w.dtype not in dtypes:
             _checks.array(label("w", i), w, caller=caller, dtypes=dtypes)
-        if not w.flags.writeable:
+        if not _checks._writeable(w):
             raise ValueError(f"{caller}: '{label('w', i)}' must be writeable (it is updated "
                              "in place), got a read-only array.")
         named.append((label("w", i), w))
         for k, v in columns:
             a = v[i]
-            if (type(a) is not np.ndarray or a.shape != w.shape or a.dtype != w.dtype
-                    or (k in written and not a.flags.writeable)):
+            if (type(a) is not kind or a.shape != w.shape or a.dtype != w.dtype
+                    or (k in written and not _checks._writeable(a))):
                 _checks.like(label(k, i), a, caller=caller, shape=w.shape, dtype=w.dtype,
                              writeable=k in written, none_ok=False)
             named.append((label(k, i), a))
@@ -583,9 +598,12 @@ def cross_entropy_label_smoothing(logits, target, *, smoothing, reduction="mean"
     if style == "others" and K < 2 and smoothing > 0:
         raise ValueError(f"{caller}: style='others' spreads 'smoothing' over the K - 1 other "
                          f"classes and needs K >= 2, got K = {K}.")
-    valid = target if ignore_index is None else target[target != ignore_index]
-    if valid.size and (int(valid.min()) < 0 or int(valid.max()) >= K):
-        bad = valid[(valid < 0) | (valid >= K)][0]
+    # one reduction (on CuPy arrays one synchronization) for the common, valid case
+    outside = (target < 0) | (target >= K)
+    if ignore_index is not None:
+        outside &= target != ignore_index
+    if bool(outside.any()):
+        bad = target[outside][0]
         raise ValueError(f"{caller}: 'target' must hold class indices in [0, {K})"
                          f"{'' if ignore_index is None else ' or ignore_index'}, got {int(bad)}.")
     loss_shape = (N,) if reduction == "none" else ()

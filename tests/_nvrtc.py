@@ -70,8 +70,9 @@ class CompileError(RuntimeError):
     pass
 
 
-def compile_source(library, source, name, options):
-    """Compile with NVRTC; returns (cubin bytes, log text)."""
+def compile_source(library, source, name, options, output="CUBIN"):
+    """Compile with NVRTC; returns (cubin bytes, log text), or the PTX text with
+    ``output="PTX"`` (for a virtual architecture, --gpu-architecture=compute_90)."""
     lib = ctypes.CDLL(library)
     prog = ctypes.c_void_p()
     if lib.nvrtcCreateProgram(ctypes.byref(prog), source.encode(), name.encode(), 0, None, None):
@@ -86,10 +87,10 @@ def compile_source(library, source, name, options):
         log = buf.value.decode(errors="replace")
         if status:
             raise CompileError(f"NVRTC failed ({status}):\n{log[-6000:]}")
-        lib.nvrtcGetCUBINSize(prog, ctypes.byref(size))
-        cubin = ctypes.create_string_buffer(size.value)
-        lib.nvrtcGetCUBIN(prog, cubin)
-        return cubin.raw, log
+        getattr(lib, f"nvrtcGet{output}Size")(prog, ctypes.byref(size))
+        code = ctypes.create_string_buffer(size.value)
+        getattr(lib, f"nvrtcGet{output}")(prog, code)
+        return (code.raw if output == "CUBIN" else code.value.decode()), log
     finally:
         lib.nvrtcDestroyProgram(ctypes.byref(prog))
 

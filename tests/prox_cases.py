@@ -7,6 +7,9 @@ the elements it owns (``Placed.untouched()``). Layouts:
 - "contig":     C-contiguous, with guard elements before and after
 - "strided":    every other element of the last axis (the others are guards)
 - "transposed": Fortran order (a transposed C-contiguous buffer), no guards
+- "aligned":    C-contiguous, with 16 bytes of guards before and after, so the
+                array is 16-byte aligned when its buffer is (the GPU kernels'
+                vector paths; not in LAYOUTS)
 """
 
 import numpy as np
@@ -34,6 +37,11 @@ def place(rng, shape, dtype, layout="contig", values=None):
         buf = np.full(n + 6, SENTINEL, dtype)
         owned = np.zeros(buf.shape, bool)
         view = lambda b: b[3:3 + n].reshape(shape)
+    elif layout == "aligned":
+        n, g = int(np.prod(shape)), 16 // np.dtype(dtype).itemsize
+        buf = np.full(n + 2 * g, SENTINEL, dtype)
+        owned = np.zeros(buf.shape, bool)
+        view = lambda b: b[g:g + n].reshape(shape)
     elif layout == "strided":
         buf = np.full((*shape[:-1], 2 * shape[-1]), SENTINEL, dtype)
         owned = np.zeros(buf.shape, bool)

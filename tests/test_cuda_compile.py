@@ -9,6 +9,7 @@ reason, where its compiler or the CUDA headers are missing.
 """
 
 import pathlib
+import re
 import subprocess
 
 import pytest
@@ -16,13 +17,15 @@ import pytest
 import _nvrtc
 from fastreg.cuda import _batch_norm, _group_norm, _source
 from fastreg.cuda import norm as cuda_norm
+from fastreg.cuda import prox as cuda_prox
 
 pytestmark = pytest.mark.gpu
 
 HERE = pathlib.Path(__file__).resolve().parent
 ARCH = "sm_90"
 # kernel module -> the launcher module that names its kernels
-MODULES = {"norm": cuda_norm, "batch_norm": _batch_norm, "group_norm": _group_norm}
+MODULES = {"norm": cuda_norm, "batch_norm": _batch_norm, "group_norm": _group_norm,
+           "prox": cuda_prox}
 
 
 @pytest.fixture(scope="module")
@@ -96,3 +99,29 @@ def test_nvcc_reports_no_spills_in_the_hot_kernels(module, tmp_path):
     bad = {k: report[k] for k in hot
            if report[k]["stack"] or report[k]["spill_stores"] or report[k]["spill_loads"]}
     assert not bad, f"{module}: hot kernels with spills or stack frames: {bad}"
+
+
+def _ptx_entries(ptx):
+    """{kernel: its PTX body} (device functions are inlined into the entries)."""
+    parts = re.split(r"\.visible \.entry (\w+)\(", ptx)
+    return dict(zip(parts[1::2], parts[2::2]))
+
+
+def test_prox_exact_kernels_contain_no_fused_multiply_add(nvrtc):
+    """The rounding contract (fastreg.prox "Update rules"): the elementwise prox, the
+    optimizer steps and the group apply pass round every operation on its own
+    (__fmul_rn & co.), so the PTX the compiler produces holds no fma at all;
+    the cross-entropy, which may contract, does."""
+    lib, include = nvrtc
+    options = _source.OPTIONS + _source.CUPY_ADDED_OPTIONS + ("--gpu-architecture=compute_90",
+                                                             f"-I{include}")
+    ptx, _ = _nvrtc.compile_source(lib, _source.module_source("prox"), "prox.cu", options,
+                                   output="PTX")
+    entries = _ptx_entries(ptx)
+    exact = [n for n in cuda_prox.kernel_names()
+             if n.startswith(("prox_elementwise", "sgd_step", "adam_step", "group_apply"))]
+    assert len(exact) == 16 and set(exact) <= set(entries)
+    fma = re.compile(r"\bfma\.")  # fma.rn.f64, fma.rn.ftz.f32 (CuPy's -ftz=true), ...
+    fused = {n: len(fma.findall(entries[n])) for n in exact if fma.search(entries[n])}
+    assert not fused, f"fused multiply-adds in kernels bound by the rounding contract: {fused}"
+    assert fma.search(entries["cross_entropy_rows_k8_f32"]), "the check would see an fma"

@@ -80,19 +80,52 @@ def test_channel_norm_byte_counts_are_the_arrays_read_and_written(op, dtype):
 
 def test_cases_cover_every_op_direction_and_the_target_shapes():
     cases = gpu_check.select_cases()
-    assert {c.op for c in cases} == set(gpu_check.OPS) == {
-        "layer_norm", "rms_norm", "batch_norm", "group_norm", "instance_norm"}
+    assert {c.op for c in cases} == set(gpu_check.OPS) >= {
+        "layer_norm", "rms_norm", "batch_norm", "group_norm", "instance_norm", "sgd_step",
+        "adamw_step"}
     assert {(4096, 8192), (8192, 4096), (32768, 1024), (256, 64, 56, 56),
             (32, 256, 56, 56)} <= {c.shape for c in cases}
     assert {c.layout for c in cases if c.op == "batch_norm"} == {"nchw", "nhwc"}
     targets = {c.name: gpu_check.target_of(c) for c in cases}
     assert targets["batch_norm_fwd nchw 256x64x56x56 float32"] == (None, 2.0)
     assert targets["group_norm_fwd nhwc 32x256x56x56 bfloat16"] == (2400, None)
-    assert {c.direction for c in cases} == {"fwd", "bwd"}
+    assert {c.direction for c in cases if c.op.endswith("_norm")} == {"fwd", "bwd"}
     for c in cases:  # well past the 50 MB L2 of an H100
         assert gpu_check.OPS[c.op].nbytes(c) > 100e6, c
     quick = gpu_check.select_cases("rms*", quick=True)
     assert quick and all(c.op == "rms_norm" for c in quick)
+
+
+@pytest.mark.skipif(_emulator.compiler() is None, reason="no C++ compiler (g++ or $CXX) for "
+                                                        "the CUDA host emulation")
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32", "float64"])
+def test_prox_byte_counts_are_the_arrays_read_and_written(dtype):
+    T, n, dt = 3, 10, NP_DTYPES[dtype]
+    ws, gs, bufs, ms, vs = ([np.ones(n, dt) for _ in range(T)] for _ in range(5))
+    total = lambda *lists: sum(a.nbytes for lst in lists for a in lst)  # noqa: E731
+    fastreg.sgd_step(ws, gs, lr=0.1, momentum=0.9, l1=0.1, momentum_buffer=bufs,
+                     backend="cuda_emulator")
+    assert gpu_check.prox_step_bytes("sgd_step", T, n, dtype) == \
+        total(ws, gs, bufs) + total(ws, bufs)
+    fastreg.adamw_step(ws, gs, ms, vs, step=1, lr=0.1, l1=0.1, backend="cuda_emulator")
+    assert gpu_check.prox_step_bytes("adamw_step", T, n, dtype) == \
+        total(ws, gs, ms, vs) + total(ws, ms, vs)
+    z, t = np.ones((6, 10), dt), np.zeros(6, np.int64)
+    loss, dz = fastreg.cross_entropy_label_smoothing(z, t, smoothing=0.1, backend="cuda_emulator")
+    assert gpu_check.cross_entropy_bytes(6, 10, dtype) == z.nbytes + dz.nbytes
+
+
+def test_prox_cases_are_the_issue_targets():
+    cases = {(c.op, c.direction, c.shape, c.dtype) for c in gpu_check.select_cases()}
+    assert {("sgd_step", "step", (1, 1 << 26), "float32"),
+            ("adamw_step", "step", (1, 1 << 26), "float32"),
+            ("cross_entropy", "fwd_bwd", (8192, 32000), "float32"),
+            ("cross_entropy", "fwd_bwd", (8192, 32000), "bfloat16")} <= cases
+    for op, direction, shape, dtype in cases:
+        if op in ("sgd_step", "adamw_step", "cross_entropy"):
+            assert gpu_check.TARGETS[(op, direction, dtype)] > 0
+            case = gpu_check.Case(op, direction, shape, dtype)
+            assert gpu_check.OPS[op].nbytes(case) > 100e6, case  # well past the 50 MB L2
 
 
 def test_device_slug():

@@ -169,15 +169,15 @@ class _FakeCupyArray:
 _FakeCupyArray.__name__ = "ndarray"
 
 
-def test_gpu_backends_raise_a_clear_error_until_the_prox_kernels_exist():
-    with pytest.raises(RuntimeError, match="prox_l1: the 'cuda' backend does not implement"):
-        fastreg.prox_l1(_FakeCupyArray(), 0.1)
-    with pytest.raises(RuntimeError, match="sgd_step: the 'cuda' backend does not implement"):
-        fastreg.sgd_step(_FakeCupyArray(), _FakeCupyArray(), lr=0.1)
-    w = arr(3)
-    with pytest.raises(RuntimeError, match="adamw_step: the 'cuda_emulator' backend does not"):
-        fastreg.adamw_step(w, arr(3), arr(3), arr(3), step=1, lr=0.1, backend="cuda_emulator")
-    assert np.all(w == 0.5)
+def test_half_precision_is_refused_by_the_cpu_backends_by_name():
+    """float16/bfloat16 run on the CUDA backends only (tests/test_cuda_prox.py)."""
+    w = np.ones(3, np.float16)
+    with pytest.raises(TypeError, match=r"prox_l1: 'w' must be a floating array "
+                                        r"\(float32, float64\), got dtype float16"):
+        fastreg.prox_l1(w, 0.1)
+    with pytest.raises(TypeError, match=r"sgd_step: 'w' must be a floating array"):
+        fastreg.sgd_step(w, w.copy(), lr=0.1, backend="reference")
+    assert np.all(w == 1)
 
 
 def test_mixed_libraries_raise_type_error():

@@ -235,3 +235,21 @@ def test_cross_entropy_others_style_matches_torch_soft_targets(reduction, backen
     lt.backward()
     assert_close(loss, lt.detach().numpy(), rtol=1e-12, atol=1e-12, case="loss")
     assert_close(dz, zt.grad.numpy(), rtol=1e-12, atol=1e-12, case="dlogits")
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_cross_entropy_with_masked_classes_matches_torch(smoothing, backend, rng):
+    """-inf logits (masked classes): probability 0; the loss is finite without
+    smoothing and +inf with it (the smoothed target puts mass on a masked class)."""
+    z = rng.standard_normal((9, 12)) * 2
+    z[:, 8:] = -np.inf
+    target = rng.integers(0, 8, 9)
+    loss, dz = fastreg.cross_entropy_label_smoothing(z, target, smoothing=smoothing,
+                                                     reduction="none", backend=backend)
+    zt = torch.tensor(z, requires_grad=True)
+    lt = F.cross_entropy(zt, torch.tensor(target), label_smoothing=smoothing, reduction="none")
+    lt.sum().backward()
+    assert np.all(np.isfinite(loss)) == (smoothing == 0)
+    assert_close(loss, lt.detach().numpy(), rtol=1e-12, atol=1e-12, case="loss")
+    assert_close(dz, zt.grad.numpy(), rtol=1e-12, atol=1e-12, case="dlogits")

@@ -901,7 +901,9 @@ def _ce_row(zr, dr, t, on, off, c, o, ot, nbuf, fast_exp):
     for j in range(dr.size):
         dr[j] = (dr[j] * inv - o) * c
     dr[t] = (et * inv - ot) * c
-    return np.float64(m) + math.log(s) - on * zt - off * sz
+    # a term of weight 0 adds 0, also for -inf logits (a masked vocabulary), as PyTorch
+    return (np.float64(m) + math.log(s) - (on * zt if on != 0.0 else 0.0)
+            - (off * sz if off != 0.0 else 0.0))
 
 
 @numba.njit(**EXACT_JIT)

@@ -1,6 +1,6 @@
 """CUDA kernels (kernels/*.cu) launched through CuPy, or under the host emulation.
 
-Each family module (``norm``) has the reference's function names and
+Each family module (``norm``, ``prox``) has the reference's function names and
 signatures. The same launchers serve two devices (``_device.py``): CuPy
 arrays run the kernels on the current CUDA device and stream (backend
 "cuda"); NumPy arrays run them under the host emulation (backend

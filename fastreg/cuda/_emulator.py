@@ -35,7 +35,9 @@ from . import _source
 
 FLAGS = ("-O2", "-std=c++17", "-shared", "-fPIC", "-pthread",
          # the kernels reinterpret 16-byte vectors (uint4) as rows of T, as on the GPU
-         "-fno-strict-aliasing", "-Wno-unknown-pragmas")
+         "-fno-strict-aliasing", "-Wno-unknown-pragmas",
+         # IEEE rounding of every operation (no a * b + c fused), as __fmul_rn & co. on the GPU
+         "-ffp-contract=off")
 MODES = {"fibers": 0, "threads": 1}
 
 _CODES = {np.dtype(np.int32): "i", np.dtype(np.uint32): "I", np.dtype(np.int64): "l",

@@ -121,7 +121,10 @@ def cross_entropy_label_smoothing(logits, target, smoothing, reduction, ignore_i
     lse = zmax[:, 0] + np.log(np.exp(z - zmax).sum(axis=1))
     q = np.full((N, K), off)
     q[np.arange(N), t] += on
-    loss = np.where(keep, lse - (q * z).sum(axis=1), 0.0)
+    # terms of weight 0 add 0 (not 0 * -inf = NaN for masked logits, as PyTorch)
+    with np.errstate(invalid="ignore"):
+        qz = np.where(q != 0, q * z, 0.0).sum(axis=1)
+    loss = np.where(keep, lse - qz, 0.0)
     p = np.exp(z - lse[:, None])
     n_valid = int(keep.sum())
     if reduction == "mean":

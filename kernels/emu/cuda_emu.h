@@ -41,7 +41,9 @@
 // shared memory <= 48 KiB.
 //
 // Numerics: float and double arithmetic is the host's IEEE arithmetic
-// (no flush to zero; see fastreg/cuda/_source.py on CuPy's -ftz=true);
+// (no flush to zero; see fastreg/cuda/_source.py on CuPy's -ftz=true; no
+// contraction into fused multiply-adds, which the GPU compiler may do except
+// through the __f*_rn / __d*_rn intrinsics);
 // rsqrtf/rsqrt are correctly rounded here and within 2 ulp on the GPU;
 // float <-> __half / __nv_bfloat16 conversions round to nearest even with
 // CUDA's bit patterns (NaN -> 0x7fff).
@@ -119,6 +121,19 @@ template <class T>
 __forceinline__ T __ldcs(const T* p) { return *p; }
 template <class T>
 __forceinline__ void __stcs(T* p, T v) { *p = v; }
+
+// IEEE operations rounded to nearest even, never fused: the host's own
+// arithmetic (the emulation compiles with -ffp-contract=off).
+__forceinline__ float __fadd_rn(float a, float b) { return a + b; }
+__forceinline__ float __fsub_rn(float a, float b) { return a - b; }
+__forceinline__ float __fmul_rn(float a, float b) { return a * b; }
+__forceinline__ float __fdiv_rn(float a, float b) { return a / b; }
+__forceinline__ float __fsqrt_rn(float a) { return std::sqrt(a); }
+__forceinline__ double __dadd_rn(double a, double b) { return a + b; }
+__forceinline__ double __dsub_rn(double a, double b) { return a - b; }
+__forceinline__ double __dmul_rn(double a, double b) { return a * b; }
+__forceinline__ double __ddiv_rn(double a, double b) { return a / b; }
+__forceinline__ double __dsqrt_rn(double a) { return std::sqrt(a); }
 
 // ----------------------------------------------------------------------------- half / bfloat16
 struct __half { unsigned short __x; };
