@@ -282,3 +282,218 @@ def _unpack_bits(bits, keep):
         k = keep[e0:e0 + m]
         for j in range(m):
             k[j] = (bs[j >> 5] >> (j & 31)) & 1
+
+
+# =========================================================================== Gaussian noise
+
+@numba.njit(**_PARALLEL)
+def _gaussian_fwd(x, k0, k1, offset, std, multiplicative, y):
+    """y = x + std * z (additive) or x * (1 + std * z), in float64, rounded once."""
+    n = x.size
+    for ch in prange((n + CHUNK - 1) // CHUNK):
+        e0 = ch * CHUNK
+        m = min(CHUNK, n - e0)
+        nb = (m + 3) // 4
+        w = np.empty(CHUNK, np.uint32)
+        z = np.empty(CHUNK, np.float64)
+        _fill_blocks(w, nb, k0, k1, offset + np.uint64(ch * CHUNK_BLOCKS))
+        _box_muller(w, nb, z)
+        xs = x[e0:e0 + m]
+        ys = y[e0:e0 + m]
+        if multiplicative:
+            for j in range(m):
+                ys[j] = np.float64(xs[j]) * (1.0 + std * z[j])
+        else:
+            for j in range(m):
+                ys[j] = np.float64(xs[j]) + std * z[j]
+
+
+# =========================================================================== DropConnect
+
+# (sample, output) rows per prange iteration of the per-example kernels
+_ROWS = 16
+
+
+@numba.njit(**_REDUCING)
+def _masked_dot(x, w, words, threshold):
+    """sum_i x[i] * w[i] over kept i, in float64."""
+    acc = 0.0
+    for i in range(x.size):
+        acc += np.float64(x[i]) * np.float64(w[i]) * (1.0 if words[i] >= threshold else 0.0)
+    return acc
+
+
+@numba.njit(**_REDUCING)
+def _masked_axpy(acc, g, v, words, threshold):
+    """acc[i] += g * v[i] over kept i (float64)."""
+    for i in range(acc.size):
+        acc[i] += g * np.float64(v[i]) * (1.0 if words[i] >= threshold else 0.0)
+
+
+@numba.njit(**_PARALLEL_REDUCING)
+def _drop_connect_fwd_examples(x, w, b, k0, k1, offset, threshold, scale, y):
+    """y[s, o] = scale * sum_i keep[s, o, i] * w[o, i] * x[s, i] + b[o]; the keep bit
+    of (s, o, i) is stream element (s * O + o) * K + i."""
+    N, K = x.shape
+    O = w.shape[0]
+    R = N * O
+    for blk in prange((R + _ROWS - 1) // _ROWS):
+        words = np.empty(K + 8, np.uint32)
+        for r in range(blk * _ROWS, min(R, (blk + 1) * _ROWS)):
+            s = r // O
+            o = r - s * O
+            lead = _fill_range(words, r * K, K, k0, k1, offset)
+            acc = _masked_dot(x[s], w[o], words[lead:lead + K], threshold)
+            y[s, o] = acc * scale + np.float64(b[o])
+
+
+@numba.njit(**_PARALLEL_REDUCING)
+def _drop_connect_bwd_dx_examples(dy, w, k0, k1, offset, threshold, scale, dx):
+    """dx[s, :] = sum_o dy[s, o] * scale * keep[s, o, :] * w[o, :], o in order."""
+    N, K = dx.shape
+    O = w.shape[0]
+    for s in prange(N):
+        words = np.empty(K + 8, np.uint32)
+        acc = np.zeros(K, np.float64)
+        for o in range(O):
+            lead = _fill_range(words, (s * O + o) * K, K, k0, k1, offset)
+            _masked_axpy(acc, np.float64(dy[s, o]) * scale, w[o], words[lead:lead + K],
+                         threshold)
+        for i in range(K):
+            dx[s, i] = acc[i]
+
+
+@numba.njit(**_PARALLEL_REDUCING)
+def _drop_connect_bwd_dw_examples(dy, x, k0, k1, offset, threshold, scale, dw):
+    """dw[o, :] = sum_s dy[s, o] * scale * keep[s, o, :] * x[s, :], s in order."""
+    N, K = x.shape
+    O = dw.shape[0]
+    for o in prange(O):
+        words = np.empty(K + 8, np.uint32)
+        acc = np.zeros(K, np.float64)
+        for s in range(N):
+            lead = _fill_range(words, (s * O + o) * K, K, k0, k1, offset)
+            _masked_axpy(acc, np.float64(dy[s, o]) * scale, x[s], words[lead:lead + K],
+                         threshold)
+        for i in range(K):
+            dw[o, i] = acc[i]
+
+
+@numba.njit(**_PARALLEL_REDUCING)
+def _moment_matching(mean, var, k0, k1, offset, S, activation, y):
+    """y[r] = mean over k < S of act(mean[r] + sqrt(var[r]) * z[r * S + k]).
+    activation: 0 identity, 1 relu, 2 tanh, 3 sigmoid."""
+    R = mean.size
+    for blk in prange((R + _ROWS - 1) // _ROWS):
+        words = np.empty(S + 8, np.uint32)
+        z = np.empty(S + 8, np.float64)
+        for r in range(blk * _ROWS, min(R, (blk + 1) * _ROWS)):
+            lead = _fill_range(words, r * S, S, k0, k1, offset)
+            _box_muller(words, (lead + S + 3) // 4, z)
+            mu = mean[r]
+            sd = np.sqrt(var[r])
+            acc = 0.0
+            for k in range(S):
+                u = mu + sd * z[lead + k]
+                if activation == 1:
+                    u = max(u, 0.0)
+                elif activation == 2:
+                    u = np.tanh(u)
+                elif activation == 3:
+                    u = 1.0 / (1.0 + np.exp(-u))
+                acc += u
+            y[r] = acc / S
+
+
+# =========================================================================== dropout + add + LN
+
+@numba.njit(**_PARALLEL_REDUCING)
+def _dropout_add_ln_fwd(x, res, w, b, k0, k1, offset, threshold, scale, eps, y, s, mean, rstd):
+    """Per row i (one stream element per (i, j), index i * D + j):
+    s = x * keep * scale + res (two roundings in the dtype);
+    one shifted float64 pass for mean/var (shift: the row's first s), then y."""
+    M, D = x.shape
+    inv_d = 1.0 / max(D, 1)
+    zero = scale - scale
+    for blk in prange((M + _ROWS - 1) // _ROWS):
+        words = np.empty(D + 8, np.uint32)
+        for i in range(blk * _ROWS, min(M, (blk + 1) * _ROWS)):
+            lead = 0
+            if threshold != 0:
+                lead = _fill_range(words, i * D, D, k0, k1, offset)
+            wd = words[lead:lead + D]
+            xi = x[i]
+            ri = res[i]
+            si = s[i]
+            k = 0.0
+            if D:
+                k = np.float64(xi[0] * (scale if wd[0] >= threshold else zero) + ri[0])
+            s1 = 0.0
+            s2 = 0.0
+            for j in range(D):
+                v = xi[j] * (scale if wd[j] >= threshold else zero) + ri[j]
+                si[j] = v
+                d = np.float64(v) - k
+                s1 += d
+                s2 += d * d
+            m1 = s1 * inv_d
+            var = s2 * inv_d - m1 * m1
+            if var < 0.0:  # rounding; NaN passes through
+                var = 0.0
+            mu = k + m1
+            r = 1.0 / np.sqrt(var + eps)
+            yi = y[i]
+            for j in range(D):
+                yi[j] = (si[j] - mu) * r * w[j] + b[j]
+            mean[i] = mu
+            rstd[i] = r
+
+
+@numba.njit(**_PARALLEL_REDUCING)
+def _dropout_add_ln_bwd(dy, s, mean, rstd, w, dres_in, k0, k1, offset, threshold, scale,
+                        rows_per_block, dx, dres, dw_part, db_part):
+    """ds = rstd * (g - mean(g) - xhat * mean(g * xhat)) + dres_in, g = dy * w;
+    dres = ds, dx = ds * keep * scale. dw/db partials per fixed block of rows.
+    dres_in with 0 rows means no incoming residual gradient."""
+    M, D = s.shape
+    inv_d = 1.0 / max(D, 1)
+    has_dres = dres_in.shape[0] == M
+    for blk in prange(dw_part.shape[0]):
+        pw = dw_part[blk]
+        pb = db_part[blk]
+        pw[:] = 0.0
+        pb[:] = 0.0
+        words = np.empty(D + 8, np.uint32)
+        for i in range(blk * rows_per_block, min(M, (blk + 1) * rows_per_block)):
+            mu = np.float64(mean[i])
+            r = np.float64(rstd[i])
+            dyi = dy[i]
+            si = s[i]
+            sg = 0.0
+            sgx = 0.0
+            for j in range(D):
+                xh = (si[j] - mu) * r
+                g = dyi[j] * w[j]
+                sg += g
+                sgx += g * xh
+                pw[j] += dyi[j] * xh
+                pb[j] += dyi[j]
+            a = sg * inv_d
+            c = sgx * inv_d
+            lead = 0
+            if threshold != 0:
+                lead = _fill_range(words, i * D, D, k0, k1, offset)
+            wd = words[lead:lead + D]
+            dxi = dx[i]
+            dri = dres[i]
+            if has_dres:
+                dini = dres_in[i]
+                for j in range(D):
+                    d = r * (dyi[j] * w[j] - a - (si[j] - mu) * r * c) + dini[j]
+                    dri[j] = d
+                    dxi[j] = d * (scale if wd[j] >= threshold else 0.0)
+            else:
+                for j in range(D):
+                    d = r * (dyi[j] * w[j] - a - (si[j] - mu) * r * c)
+                    dri[j] = d
+                    dxi[j] = d * (scale if wd[j] >= threshold else 0.0)
