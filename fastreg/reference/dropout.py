@@ -48,7 +48,8 @@ def unpack_bits(bits, shape):
 def dropout(x, seed, offset, threshold, scale, out):
     y, bits = out
     keep = _keep(seed, offset, x.shape, threshold)
-    y[...] = x * _factor(keep, scale, x.dtype)
+    with np.errstate(invalid="ignore"):      # a dropped Inf is Inf * 0 = NaN, as PyTorch
+        y[...] = x * _factor(keep, scale, x.dtype)
     if bits is not None:
         bits[...] = pack_bits(keep)
 
@@ -57,7 +58,8 @@ def dropout_backward(dy, bits, seed, offset, threshold, scale, out):
     (dx,) = out
     keep = unpack_bits(bits, dy.shape) if bits is not None else \
         _keep(seed, offset, dy.shape, threshold)
-    dx[...] = dy * _factor(keep, scale, dy.dtype)
+    with np.errstate(invalid="ignore"):
+        dx[...] = dy * _factor(keep, scale, dy.dtype)
 
 
 def keep_mask(bits, seed, offset, threshold, out):
