@@ -13,6 +13,10 @@ differences, thread counts, validation. PyTorch checks: test_dropout_torch.py.
 """
 
 import math
+import os
+import pathlib
+import subprocess
+import sys
 
 import numba
 import numpy as np
@@ -23,6 +27,10 @@ from _assert import assert_bitwise, assert_close, tol
 from dropout_cases import all_cases, gen
 from fastreg.random import Generator
 from fastreg.reference import random as ref_random
+
+HERE = pathlib.Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import _run_dropout_ops  # noqa: E402
 
 CASES = list(all_cases())
 DTYPES = [np.float32, np.float64]
@@ -521,51 +529,47 @@ def test_dropout_add_layer_norm_backward_accepts_a_stored_bits_mask(rng):
 
 # =========================================================================== determinism
 
-def _run_family(x32, x64):
-    out = {}
-    g = Generator(123, 2**32 - 100)
-    out["dropout"], m = fastreg.dropout(x32, 0.3, rng=g)
-    out["bits"] = m.bits
-    out["dropout_bwd"] = fastreg.dropout_backward(x32, m)
-    out["gn"] = fastreg.gaussian_noise(x64, 0.5, rng=g)
-    out["gd"], gm = fastreg.gaussian_dropout(x32, 0.3, rng=g)
-    w = x64[:37 * 61].reshape(37, 61)
-    xs = x64[:9 * 61].reshape(9, 61)
-    for pe in (False, True):
-        out[f"dc{pe}"], dm = fastreg.drop_connect(xs, w, None, 0.3, rng=g, per_example=pe)
-        grads = fastreg.drop_connect_backward(out[f"dc{pe}"] + 1, xs, w, dm)
-        for i, gr in enumerate(grads):
-            out[f"dc{pe}_bwd{i}"] = gr
-    out["dci"] = fastreg.drop_connect_inference(xs, w, None, 0.3, activation="tanh",
-                                                n_samples=17, rng=g)
-    xr = x32[:257 * 129].reshape(257, 129)
-    y, s, mean, rstd, mask = fastreg.dropout_add_layer_norm(xr, xr[::-1], None, xr[0], 0.2,
-                                                            rng=g)
-    out.update(ln_y=y, ln_s=s, ln_mean=mean, ln_rstd=rstd)
-    for i, gr in enumerate(fastreg.dropout_add_layer_norm_backward(y, s, mean, rstd, None, xr[0],
-                                                                   mask, dresidual_sum=s)):
-        if gr is not None:
-            out[f"ln_bwd{i}"] = gr
-    out["offset"] = np.array([g.offset], np.uint64)
-    return out
-
-
 def test_results_identical_at_1_and_2_threads_and_run_to_run():
-    rng = np.random.default_rng(5)
-    x64 = rng.standard_normal(50_001)
-    x32 = x64.astype(np.float32)
     threads = numba.get_num_threads()
     try:
         numba.set_num_threads(1)
-        one = _run_family(x32, x64)
+        one = _run_dropout_ops.run()
         numba.set_num_threads(min(2, numba.config.NUMBA_NUM_THREADS))
-        two = _run_family(x32, x64)
-        again = _run_family(x32, x64)
+        two = _run_dropout_ops.run()
+        again = _run_dropout_ops.run()
     finally:
         numba.set_num_threads(threads)
     for k in one:
         assert_bitwise(two[k], one[k], case=f"{k}: 2 threads vs 1")
         assert_bitwise(again[k], two[k], case=f"{k}: run to run")
+
+
+def _subprocess(tmp_path, name, threads, cache_dir):
+    env = dict(os.environ, NUMBA_NUM_THREADS=str(threads), NUMBA_CACHE_DIR=str(cache_dir),
+               FASTREG_NUMBA_CACHE="1")
+    env["PYTHONPATH"] = os.pathsep.join([str(HERE.parent), env.get("PYTHONPATH", "")])
+    out = tmp_path / f"{name}.npz"
+    proc = subprocess.run([sys.executable, str(HERE / "_run_dropout_ops.py"), str(out)],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    print(f"{name} (NUMBA_NUM_THREADS={threads}): {proc.stdout.strip()}")
+    return dict(np.load(out))
+
+
+@pytest.mark.slow
+def test_cached_kernels_load_in_a_fresh_process_at_another_thread_count(tmp_path):
+    """The parallel kernels are cached: a second process must compile nothing and give
+    the same bits at 1 thread as the first, compiling, at 2."""
+    cache = tmp_path / "numba-cache"
+    cold = _subprocess(tmp_path, "cold-2-threads", 2, cache)
+    files = sorted(p.relative_to(cache) for p in cache.rglob("*") if p.is_file())
+    assert any(str(f).endswith(".nbi") and "_philox" in str(f) for f in files), files
+    warm = _subprocess(tmp_path, "cached-1-thread", 1, cache)
+    assert sorted(p.relative_to(cache) for p in cache.rglob("*") if p.is_file()) == files, \
+        "the second process compiled kernels again"
+    assert cold.keys() == warm.keys()
+    for k in cold:
+        assert_bitwise(warm[k], cold[k], case=f"{k}: 1 thread from cache vs 2 threads cold")
 
 
 # =========================================================================== validation
