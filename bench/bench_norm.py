@@ -1,69 +1,12 @@
-"""pytest-benchmark suite for the norm ops, on the case table of ``python -m fastreg bench``.
-
-One test per op and direction (``test_layer_norm_fwd``, ..., ``test_layer_norm_fwd_bwd``),
-parametrized over the standard shapes and the peers: fastreg into
-preallocated outputs (``out=``), fastreg into fresh outputs, the NumPy
-reference, and PyTorch when it is importable. Each case is a group named
-``<op>_<dir>|<shape>|<dtype>`` (the shape as stored: NHWC cases read
-N x H x W x C), so the peers of a case are compared side by side.
+"""pytest-benchmark suite for the norm ops (layer, RMS, batch, group, instance norm).
 
     python -m pytest bench/ --benchmark-only [--benchmark-json=bench/results/cpu.json]
     FASTREG_BENCH_QUICK=1 FASTREG_BENCH_OPS=layer_norm python -m pytest bench/ --benchmark-only
     python bench/report.py bench/results/cpu.json        # the markdown table
 
-Each benchmark records in ``extra_info`` its minimal byte count (``bytes``),
-``GB/s`` and ``% copy`` (of the copy ceiling measured in conftest.py), and
-the case's op, direction, layout, shape and peer. The fastreg peer also
-checks its result against the reference once per case, so a wrong kernel
-fails its benchmark instead of posting a time.
+The cases, peers and recorded ``extra_info`` are described in bench/_suite.py.
 """
 
-import functools
-import os
+import _suite
 
-import pytest
-
-from fastreg import _bench
-
-QUICK = os.environ.get("FASTREG_BENCH_QUICK") == "1"
-SPECS = _bench.select_specs(os.environ.get("FASTREG_BENCH_OPS", "*"), QUICK)
-
-
-@functools.lru_cache(maxsize=1)
-def _cases(spec, torch):
-    """The built cases of the last spec (inputs are large: one spec alive at a time)."""
-    return _bench.build(spec, torch)
-
-
-def _define(op, direction):
-    params = [pytest.param(spec, peer, id=f"{spec.name(direction)}|{peer}")
-              for spec in SPECS if spec.op == op for peer in _bench.PEERS]
-
-    @pytest.mark.parametrize("spec,peer", params)
-    def bench(benchmark, spec, peer, copy_gbs, torch_module):
-        if peer == "torch" and torch_module is None:
-            pytest.skip("torch is not installed")
-        case = _cases(spec, torch_module)[direction]
-        benchmark.group = case.name
-        benchmark.extra_info.update(
-            bytes=case.nbytes, peer=peer, op=op, direction=direction, layout=spec.layout,
-            shape=list(spec.shape), dtype=spec.dtype)
-        if peer == "fastreg" and case.verify is not None:
-            check = case.verify()
-            assert check["ok"], f"{case.name}: fastreg differs from the reference: {check}"
-        fn = case.runs[peer]
-        fn()                                    # warm-up outside the timing
-        benchmark(fn)
-        median = benchmark.stats.stats.median
-        benchmark.extra_info["GB/s"] = case.nbytes / median / 1e9
-        benchmark.extra_info["% copy"] = 100.0 * case.nbytes / median / 1e9 / copy_gbs
-
-    bench.__name__ = f"test_{op}_{direction.replace('+', '_')}"
-    bench.__qualname__ = bench.__name__
-    bench.__doc__ = f"{op} {direction}: every shape, every peer."
-    return bench
-
-
-globals().update({t.__name__: t for t in (_define(op, direction)
-                                          for op in dict.fromkeys(s.op for s in SPECS)
-                                          for direction in _bench.DIRECTIONS)})
+_suite.define("norm", globals())

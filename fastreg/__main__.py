@@ -11,7 +11,7 @@ import argparse
 import sys
 
 COMMANDS = {
-    "bench": "time every norm op against the copy ceiling, NumPy and PyTorch; verify "
+    "bench": "time every op against the copy ceiling, NumPy and PyTorch; verify "
              "the results (exit 1 if any check fails)",
     "info": "versions, thread counts, Numba's threading layer and cache",
 }

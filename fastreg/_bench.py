@@ -1,4 +1,4 @@
-"""``python -m fastreg bench``: time every norm op against the copy ceiling, NumPy and PyTorch.
+"""``python -m fastreg bench``: time every op against the copy ceiling, NumPy and PyTorch.
 
 The method (shared/DESIGN.md §4): the kernels are memory-bound, so every case
 carries the fewest bytes its op must move (each input read once, each output
@@ -28,10 +28,12 @@ on their page faults unless ``THP_MEM_ALLOC_ENABLE=1`` (transparent huge
 pages) is set before torch is imported; users who care about speed set it,
 so the bench sets it too (unless the caller chose a value) and says so.
 
-The module is the case table (``Spec``, ``build``), timing (``time_peers``,
-``copy_bandwidth``), verification (``compare``) and reporting
-(``table_cells``, ``format_text``, ``format_markdown``); bench/bench_norm.py
-reuses the table for pytest-benchmark.
+The cases come from one module per op family (``fastreg/_bench_norm.py``, ...;
+the interface is described at ``FAMILIES``); this module is the family
+registry and spec selection (``select_specs``, ``build``), timing
+(``time_peers``, ``copy_bandwidth``), verification (``compare``) and
+reporting (``table_cells``, ``format_text``, ``format_markdown``). The
+pytest-benchmark suites in bench/ reuse the same cases.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ import argparse
 import dataclasses
 import fnmatch
 import gc
+import importlib
 import json
 import math
 import os
@@ -53,12 +56,7 @@ import numpy as np
 
 import fastreg
 
-EPS = 1e-5
-RMS_EPS = 1e-6
-MOMENTUM = 0.1
 PEERS = ("fastreg", "fastreg fresh", "numpy", "torch")
-DIRECTIONS = ("fwd", "bwd", "fwd+bwd")
-FUSED_TARGET = 5.0          # fwd+bwd: fastreg should beat the NumPy reference by this much
 
 # (rtol, atol) by dtype, as tests/_assert.py: forward outputs and gradients.
 TOLERANCES = {
@@ -68,68 +66,59 @@ TOLERANCES = {
 TORCH_TOLERANCE = (1e-3, 1e-3)  # sanity check of the torch peer (float32 accumulations)
 
 
-# =========================================================================== case table
+# =========================================================================== families and cases
 
-@dataclass(frozen=True)
-class Spec:
-    """One benchmarked input: op, storage shape, layout, groups, dtype."""
-    op: str
-    shape: tuple            # the array's shape in memory: (N, H, W, C) for NHWC
-    layout: str             # "rows" (layer/RMS), "NCHW", "NHWC" or "2-D" (batch norm (N, C))
-    groups: int | None = None
-    dtype: str = "float32"
-
-    @property
-    def axis(self):
-        return -1 if self.layout == "NHWC" else 1
-
-    @property
-    def params(self):
-        """Length of weight/bias: the normalized size (rows) or the channels."""
-        return self.shape[-1] if self.layout in ("rows", "NHWC") else self.shape[1]
-
-    @property
-    def x_bytes(self):
-        return math.prod(self.shape) * np.dtype(self.dtype).itemsize
-
-    def name(self, direction):
-        return f"{self.op}_{direction}|{'x'.join(map(str, self.shape))}|{self.dtype}"
+# Each family of ops plugs its cases in through a module ``fastreg._bench_<family>``
+# providing:
+#   FAMILY         its name ("norm")
+#   SPECS          the standard inputs: objects with .op, .shape, .layout, .dtype,
+#                  .x_bytes (largest array, sizes the copy measurement), .directions
+#                  (e.g. ("fwd", "bwd", "fwd+bwd")), .name(direction) (the case id
+#                  "<op>_<dir>|<shape>|<dtype>") and .quick() (a small version),
+#                  frozen dataclasses so dataclasses.replace(spec, dtype=...) works
+#   DTYPES         the dtype names its CPU kernels run
+#   build(spec, torch=None, seed=0) -> {direction: Case}
+#   summary(rows)  -> lines of notes under the table (may return [])
+FAMILIES = ("norm",)
 
 
-STANDARD = [
-    Spec("layer_norm", (8192, 1024), "rows"),
-    Spec("layer_norm", (4096, 4096), "rows"),
-    Spec("rms_norm", (8192, 1024), "rows"),
-    Spec("rms_norm", (4096, 4096), "rows"),
-    Spec("batch_norm", (64, 64, 56, 56), "NCHW"),
-    Spec("batch_norm", (64, 56, 56, 64), "NHWC"),
-    Spec("batch_norm", (16384, 1024), "2-D"),
-    Spec("group_norm", (32, 128, 56, 56), "NCHW", 32),
-    Spec("group_norm", (32, 56, 56, 128), "NHWC", 32),
-    Spec("group_norm", (32, 256, 28, 28), "NCHW", 32),
-    Spec("group_norm", (32, 28, 28, 256), "NHWC", 32),
-    Spec("instance_norm", (32, 128, 56, 56), "NCHW"),
-]
-OPS = tuple(dict.fromkeys(s.op for s in STANDARD))
+def families():
+    """The family modules, in table order (imported on first use)."""
+    return [importlib.import_module(f"fastreg._bench_{name}") for name in FAMILIES]
 
 
-def quick_spec(spec):
-    """About 1/16 of the data: the leading (batch or row) dimension divided by 16."""
-    return Spec(spec.op, (max(2, spec.shape[0] // 16), *spec.shape[1:]), spec.layout,
-                spec.groups, spec.dtype)
+def family_of(spec):
+    """The family module a spec belongs to."""
+    return sys.modules[type(spec).__module__]
 
 
-def select_specs(ops="*", quick=False):
-    """The standard specs whose op matches one of the comma-separated globs in ``ops``."""
+def all_ops():
+    return tuple(dict.fromkeys(s.op for f in families() for s in f.SPECS))
+
+
+def all_dtypes():
+    return tuple(dict.fromkeys(d for f in families() for d in f.DTYPES))
+
+
+def select_specs(ops="*", quick=False, dtypes=("float32",)):
+    """The standard specs whose op matches one of the comma-separated globs in ``ops``,
+    in each of ``dtypes`` that the op's family runs."""
     patterns = [p.strip() for p in ops.split(",") if p.strip()] or ["*"]
-    specs = [s for s in STANDARD if any(fnmatch.fnmatchcase(s.op, p) for p in patterns)]
-    return [quick_spec(s) for s in specs] if quick else specs
+    specs = [dataclasses.replace(s, dtype=dt) for dt in dtypes for f in families()
+             if dt in f.DTYPES for s in f.SPECS
+             if any(fnmatch.fnmatchcase(s.op, p) for p in patterns)]
+    return [s.quick() for s in specs] if quick else specs
+
+
+def build(spec, torch=None, seed=0):
+    """The cases of one spec, as ``{direction: Case}`` (see the family's build)."""
+    return family_of(spec).build(spec, torch, seed)
 
 
 @dataclass
 class Case:
     """One row of the table: peers to time, byte count, how to verify."""
-    spec: Spec
+    spec: object
     direction: str
     nbytes: int                                 # minimal bytes moved
     runs: dict = field(default_factory=dict)    # peer -> zero-argument callable
@@ -142,209 +131,9 @@ class Case:
         return self.spec.name(self.direction)
 
 
-def _nbytes(*arrays):
+def nbytes(*arrays):
+    """Bytes of the arrays given (None counts 0)."""
     return int(sum(a.nbytes for a in arrays if a is not None))
-
-
-def make_inputs(spec, seed=0):
-    """x, dy, weight, bias (+ running stats for batch norm), standard normal."""
-    rng = np.random.default_rng(seed)
-    dt = np.dtype(spec.dtype)
-    normal = lambda shape: rng.standard_normal(shape, dtype=dt)  # noqa: E731
-    P = spec.params
-    d = {"x": normal(spec.shape), "dy": normal(spec.shape), "weight": normal(P),
-         "bias": None if spec.op == "rms_norm" else normal(P)}
-    if spec.op == "batch_norm":
-        d["running_mean"], d["running_var"] = np.zeros(P, dt), np.ones(P, dt)
-    return d
-
-
-def fastreg_calls(spec, d):
-    """``(fwd, bwd)``: ``fwd(**kw)`` and ``bwd(saved, **kw)`` call the public API on d,
-    where ``saved`` is a forward's result and kw is ``out=`` and/or ``backend=``."""
-    x, dy, w, b, ax = d["x"], d["dy"], d["weight"], d["bias"], spec.axis
-    op = spec.op
-    if op == "layer_norm":
-        return (lambda **k: fastreg.layer_norm(x, w, b, EPS, **k),
-                lambda s, **k: fastreg.layer_norm_backward(dy, x, s[1], s[2], w, b, **k))
-    if op == "rms_norm":
-        return (lambda **k: fastreg.rms_norm(x, w, RMS_EPS, **k),
-                lambda s, **k: fastreg.rms_norm_backward(dy, x, s[1], w, **k))
-    if op == "batch_norm":
-        rm, rv = d["running_mean"], d["running_var"]
-        return (lambda **k: fastreg.batch_norm(x, w, b, rm, rv, training=True,
-                                               momentum=MOMENTUM, eps=EPS, axis=ax, **k),
-                lambda s, **k: fastreg.batch_norm_backward(dy, x, s[1], s[2], w, b,
-                                                           axis=ax, **k))
-    if op == "group_norm":
-        G = spec.groups
-        return (lambda **k: fastreg.group_norm(x, G, w, b, EPS, axis=ax, **k),
-                lambda s, **k: fastreg.group_norm_backward(dy, x, s[1], s[2], G, w, b,
-                                                           axis=ax, **k))
-    if op == "instance_norm":
-        return (lambda **k: fastreg.instance_norm(x, w, b, momentum=MOMENTUM, eps=EPS,
-                                                  axis=ax, **k),
-                lambda s, **k: fastreg.instance_norm_backward(dy, x, s[1], s[2], w, b,
-                                                              axis=ax, **k))
-    raise ValueError(f"unknown op {op!r}")
-
-
-def output_names(op, direction):
-    if direction == "fwd":
-        return ("y", "rstd") if op == "rms_norm" else ("y", "mean", "rstd")
-    return ("dx", "dweight") if op == "rms_norm" else ("dx", "dweight", "dbias")
-
-
-def torch_calls(spec, d, torch):
-    """``(fwd, bwd, to_numpy)``: PyTorch's kernels on d's memory (zero copy).
-
-    NHWC storage is handed to torch as an (N, C, H, W) tensor in channels_last
-    memory format, which torch's CPU kernels support natively. The backward
-    runs from statistics saved by torch's own forward:
-    - layer, batch, group norm: the ATen backward op alone
-      (``native_layer_norm_backward``, ``native_batch_norm_backward``,
-      ``native_group_norm_backward``), exactly the kernel autograd would call,
-      without the autograd engine around it;
-    - instance norm: PyTorch runs it as batch norm over an (1, N*C, H, W) view
-      with the weight repeated N times, so its backward is
-      ``native_batch_norm_backward`` on that view plus the (tiny) sum of the
-      repeated weight's gradient over N: that is what is timed;
-    - RMS norm: ``F.rms_norm`` is a composite of elementwise ops on the CPU
-      with no backward op of its own, so autograd through its graph
-      (``torch.autograd.grad(..., retain_graph=True)``; the graph is built once).
-    """
-    F, aten = torch.nn.functional, torch.ops.aten
-    nhwc = spec.layout == "NHWC"
-
-    def view(a):
-        t = torch.from_numpy(a)
-        return t.permute(0, t.ndim - 1, *range(1, t.ndim - 1)) if nhwc else t
-
-    def to_numpy(t):
-        t = t if isinstance(t, torch.Tensor) else t[0]
-        return (t.permute(0, *range(2, t.ndim), 1) if nhwc else t).detach().numpy()
-
-    xt, dyt = view(d["x"]), view(d["dy"])
-    wt = torch.from_numpy(d["weight"])
-    bt = None if d["bias"] is None else torch.from_numpy(d["bias"])
-    mask = [True, True, True]
-    op = spec.op
-    if op in ("layer_norm", "rms_norm"):
-        D = spec.shape[-1]
-        if op == "layer_norm":
-            _, mt, rt = aten.native_layer_norm(xt, [D], wt, bt, EPS)
-            return (lambda: F.layer_norm(xt, (D,), wt, bt, EPS),
-                    lambda: aten.native_layer_norm_backward(dyt, xt, [D], mt, rt, wt, bt, mask),
-                    to_numpy)
-        xg, wg = xt.clone().requires_grad_(), wt.clone().requires_grad_()
-        yg = F.rms_norm(xg, (D,), wg, RMS_EPS)
-        return (lambda: F.rms_norm(xt, (D,), wt, RMS_EPS),
-                lambda: torch.autograd.grad(yg, (xg, wg), dyt, retain_graph=True),
-                to_numpy)
-    N, C = xt.shape[0], xt.shape[1]
-    HW = math.prod(xt.shape[2:])
-    if op == "batch_norm":
-        rmt = torch.from_numpy(d["running_mean"].copy())
-        rvt = torch.from_numpy(d["running_var"].copy())
-        _, sm, si = aten.native_batch_norm(xt, wt, bt, rmt.clone(), rvt.clone(), True,
-                                           MOMENTUM, EPS)
-        return (lambda: F.batch_norm(xt, rmt, rvt, wt, bt, True, MOMENTUM, EPS),
-                lambda: aten.native_batch_norm_backward(dyt, xt, wt, rmt, rvt, sm, si, True,
-                                                        EPS, mask),
-                to_numpy)
-    if op == "group_norm":
-        G = spec.groups
-        _, gm, gr = aten.native_group_norm(xt, wt, bt, N, C, HW, G, EPS)
-        return (lambda: F.group_norm(xt, G, wt, bt, EPS),
-                lambda: aten.native_group_norm_backward(dyt, xt, gm, gr, wt, N, C, HW, G, mask),
-                to_numpy)
-    if op == "instance_norm":
-        x2 = xt.contiguous().view(1, N * C, *xt.shape[2:])
-        dy2 = dyt.contiguous().view(x2.shape)
-        w2, b2 = wt.repeat(N), bt.repeat(N)
-        _, sm, si = aten.native_batch_norm(x2, w2, b2, None, None, True, MOMENTUM, EPS)
-
-        def bwd():
-            gx, gw, gb = aten.native_batch_norm_backward(dy2, x2, w2, None, None, sm, si, True,
-                                                         EPS, mask)
-            return gx.view(xt.shape), gw.view(N, C).sum(0), gb.view(N, C).sum(0)
-        return (lambda: F.instance_norm(xt, None, None, wt, bt, True, MOMENTUM, EPS), bwd,
-                to_numpy)
-    raise ValueError(f"unknown op {op!r}")
-
-
-def build(spec, torch=None, seed=0):
-    """The fwd, bwd and fwd+bwd cases of one spec, as ``{direction: Case}``.
-
-    Allocates the inputs and the preallocated outputs, and makes fastreg's
-    first forward and backward calls (timed: compilation or cache loading).
-    The reference results are computed only when a case is verified.
-    """
-    d = make_inputs(spec, seed)
-    fwd, bwd = fastreg_calls(spec, d)
-    t0 = time.perf_counter()
-    saved = fwd()
-    t_fwd = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    grads = bwd(saved)
-    t_bwd = time.perf_counter() - t0
-    fout = tuple(np.empty_like(a) for a in saved)
-    bout = tuple(None if a is None else np.empty_like(a) for a in grads)
-
-    running = (2 * _nbytes(d["running_mean"], d["running_var"])  # read and written
-               if spec.op == "batch_norm" else 0)
-    fwd_bytes = _nbytes(d["x"], d["weight"], d["bias"], *saved) + running
-    bwd_bytes = _nbytes(d["dy"], d["x"], *saved[1:], d["weight"], *grads)
-
-    reference = {}
-
-    def ref(direction):
-        if direction not in reference:
-            reference[direction] = (fwd(backend="reference") if direction == "fwd"
-                                    else bwd(saved, backend="reference"))
-        return reference[direction]
-
-    def poisoned(bufs):
-        for a in bufs:
-            if a is not None:
-                a[...] = np.nan
-        return bufs
-
-    def fused(out_f=None, out_b=None, **k):
-        s = fwd(out=out_f, **k)
-        return bwd(s, out=out_b, **k)
-
-    tol = TOLERANCES[spec.dtype]
-    cases = {
-        "fwd": Case(spec, "fwd", fwd_bytes, first_call_s=t_fwd, runs={
-            "fastreg": lambda: fwd(out=fout),
-            "fastreg fresh": lambda: fwd(),
-            "numpy": lambda: fwd(backend="reference")},
-            verify=lambda: compare({"out=": fwd(out=poisoned(fout)), "fresh": fwd()}, ref("fwd"),
-                                   output_names(spec.op, "fwd"), *tol["out"])),
-        "bwd": Case(spec, "bwd", bwd_bytes, first_call_s=t_bwd, runs={
-            "fastreg": lambda: bwd(saved, out=bout),
-            "fastreg fresh": lambda: bwd(saved),
-            "numpy": lambda: bwd(saved, backend="reference")},
-            verify=lambda: compare({"out=": bwd(saved, out=poisoned(bout)),
-                                    "fresh": bwd(saved)}, ref("bwd"),
-                                   output_names(spec.op, "bwd"), *tol["grad"])),
-        # two calls, as a training step makes them; its bytes are the sum of both
-        "fwd+bwd": Case(spec, "fwd+bwd", fwd_bytes + bwd_bytes, runs={
-            "fastreg": lambda: fused(fout, bout),
-            "fastreg fresh": lambda: fused(),
-            "numpy": lambda: fused(backend="reference")}),
-    }
-    if torch is not None:
-        tf, tb, to_numpy = torch_calls(spec, d, torch)
-        cases["fwd"].runs["torch"] = tf
-        cases["bwd"].runs["torch"] = tb
-        cases["fwd+bwd"].runs["torch"] = lambda: (tf(), tb())
-        cases["fwd"].check_torch = lambda: compare({"torch": (to_numpy(tf()),)}, ref("fwd")[:1],
-                                                   ("y",), *TORCH_TOLERANCE)
-        cases["bwd"].check_torch = lambda: compare({"torch": (to_numpy(tb()),)}, ref("bwd")[:1],
-                                                   ("dx",), *TORCH_TOLERANCE)
-    return cases
 
 
 # =========================================================================== timing
@@ -479,7 +268,8 @@ def compare(got, ref, names, rtol, atol):
 def measure(case, repeat, ceiling_gbs, budget_s=None):
     """Time every peer of ``case``, verify it, and return its result row (a dict)."""
     spec = case.spec
-    row = {"case": case.name, "op": spec.op, "direction": case.direction,
+    row = {"case": case.name, "family": family_of(spec).FAMILY, "op": spec.op,
+           "direction": case.direction,
            "shape": list(spec.shape), "layout": spec.layout, "dtype": spec.dtype,
            "backend": "cpu",
            "bytes": case.nbytes, "first_call_s": case.first_call_s}
@@ -502,7 +292,8 @@ def measure(case, repeat, ceiling_gbs, budget_s=None):
 
 def error_row(spec, direction, exc):
     """The row of a case that raised: reported, and a failure."""
-    return {"case": spec.name(direction), "op": spec.op, "direction": direction,
+    return {"case": spec.name(direction), "family": family_of(spec).FAMILY, "op": spec.op,
+            "direction": direction,
             "shape": list(spec.shape), "layout": spec.layout, "dtype": spec.dtype,
             "backend": "cpu",
             "error": f"{type(exc).__name__}: {exc}", "ok": False}
@@ -513,7 +304,7 @@ def run_spec(spec, torch, repeat, ceiling_gbs, budget_s=None, log=None):
     try:
         cases = build(spec, torch)
     except Exception as exc:   # a broken kernel is a failed row, not a dead run
-        return [error_row(spec, d, exc) for d in DIRECTIONS]
+        return [error_row(spec, d, exc) for d in spec.directions]
     rows = []
     for direction, case in cases.items():
         try:
@@ -586,16 +377,13 @@ def format_markdown(rows, preamble):
 
 
 def summary_lines(rows, first_call):
-    """The notes under the table: cold first calls, fwd+bwd vs target, problems."""
-    out = ["cold first call per op (fwd + bwd, every layout; Numba compilation or cache "
+    """The notes under the table: cold first calls, each family's notes, problems."""
+    out = ["cold first call per op (every direction and layout; Numba compilation or cache "
            "load): " + ", ".join(f"{op} {s:.2f} s" for op, s in first_call.items())]
-    fused = [r for r in rows if r["direction"] == "fwd+bwd" and "ms" in r]
-    if fused:
-        out.append(f"fwd+bwd, fastreg out= vs NumPy reference (target >= {FUSED_TARGET:g}x): "
-                   + ", ".join(f"{r['op']} {'x'.join(map(str, r['shape']))} {r['layout']} "
-                               f"{r['fastreg']['x numpy']:.1f}x"
-                               + ("" if r["fastreg"]["x numpy"] >= FUSED_TARGET else " (below)")
-                               for r in fused))
+    for fam in families():
+        mine = [r for r in rows if r.get("family") == fam.FAMILY]
+        if mine:
+            out += fam.summary(mine)
     for r in rows:
         tc = r.get("torch_check")
         if tc and not tc["ok"]:
@@ -694,7 +482,7 @@ def describe(info):
 def add_arguments(p):
     p.add_argument("--ops", default="*", metavar="PATTERN",
                    help="comma-separated globs over op names ("
-                        + ", ".join(OPS) + "), e.g. 'layer_norm,rms_*' (default: all)")
+                        + ", ".join(all_ops()) + "), e.g. 'layer_norm,rms_*' (default: all)")
     p.add_argument("--quick", action="store_true",
                    help="1/16 of the batch, 3 repeats: the whole run in well under a minute")
     p.add_argument("--repeat", type=int, default=None, metavar="N",
@@ -704,7 +492,7 @@ def add_arguments(p):
     p.add_argument("--dtype", default="float32", metavar="DTYPES",
                    help="comma-separated dtypes: float32, float64 (default: float32)")
     p.add_argument("--out", default="bench-results", metavar="DIR",
-                   help="folder for results.json, cpu-norm.md and bandwidth.png "
+                   help="folder for results.json, cpu-<family>.md and bandwidth.png "
                         "(default: bench-results)")
     return p
 
@@ -724,9 +512,10 @@ def _backends(choice):
 def _dtypes(text):
     """Parse --dtype; returns (dtypes, error message)."""
     names = [t.strip() for t in text.split(",") if t.strip()]
-    bad = [n for n in names if n not in TOLERANCES]
+    known = all_dtypes()
+    bad = [n for n in names if n not in known]
     if bad or not names:
-        return [], f"--dtype must list some of {', '.join(TOLERANCES)}, got {text!r}"
+        return [], f"--dtype must list some of {', '.join(known)}, got {text!r}"
     return names, None
 
 
@@ -744,7 +533,7 @@ def bench(argv=None):
     """``python -m fastreg bench``; returns the exit status (1 if a check failed)."""
     parser = argparse.ArgumentParser(
         prog="python -m fastreg bench",
-        description="Time every norm op against the copy ceiling, NumPy and PyTorch; verify "
+        description="Time every op against the copy ceiling, NumPy and PyTorch; verify "
                     "fastreg against the NumPy reference (exit 1 if a check fails).")
     args = add_arguments(parser).parse_args(argv)
     backends, problem = _backends(args.backend)
@@ -753,10 +542,9 @@ def bench(argv=None):
     if problem:
         print(f"fastreg bench: {problem}", file=sys.stderr)
         return 2
-    specs = [dataclasses.replace(s, dtype=dt) for dt in dtypes
-             for s in select_specs(args.ops, args.quick)]
+    specs = select_specs(args.ops, args.quick, dtypes)
     if not specs:
-        print(f"fastreg bench: no op matches {args.ops!r}; ops are {', '.join(OPS)}",
+        print(f"fastreg bench: no op matches {args.ops!r}; ops are {', '.join(all_ops())}",
               file=sys.stderr)
         return 2
     if args.repeat is not None and args.repeat < 1:
@@ -800,10 +588,14 @@ def bench(argv=None):
     result = {"machine": info, "copy": bw, "first_call_s": first, "repeat": repeat,
               "budget_s": budget, "quick": args.quick, "ops": args.ops,
               "backends": backends, "dtypes": dtypes,
-              "tolerances": TOLERANCES, "fused_target": FUSED_TARGET, "rows": rows}
+              "tolerances": TOLERANCES, "rows": rows}
     (out / "results.json").write_text(json.dumps(_jsonable(result), indent=1, allow_nan=False))
-    (out / "cpu-norm.md").write_text(format_markdown(rows, [f"    {h}" for h in head]
-                                                     + [""] + [f"- {n}" for n in notes]))
+    for fam in families():     # one table per family: cpu-norm.md, cpu-dropout.md, ...
+        mine = [r for r in rows if r.get("family") == fam.FAMILY]
+        if mine:
+            fam_notes = [n for n in summary_lines(mine, first_call_per_op(mine))]
+            (out / f"cpu-{fam.FAMILY}.md").write_text(format_markdown(
+                mine, [f"    {h}" for h in head] + [""] + [f"- {n}" for n in fam_notes]))
     try:
         from ._plot import plot_bandwidth
         plot_bandwidth(rows, ceiling, out / "bandwidth.png",

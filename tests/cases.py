@@ -94,6 +94,9 @@ ROW_CASES = [
     ((5, 37), {"layout": "strided"}),
     ((6, 11), {"affine": False}),
     ((0, 4), {}),
+    # 7 rows per reduction block: groups of 4 rows and a tail of 3 in the backward
+    ((203, 19), {}),
+    ((130, 2, 33), {"normalized_ndim": 2, "layout": "strided"}),
 ]
 LAYER_NORM.cases = ROW_CASES
 RMS_NORM.cases = ROW_CASES

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from fastreg import _bench
+from fastreg import _bench, _bench_norm
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -74,7 +74,7 @@ def test_bench_quick_runs_and_writes_results(tmp_path):
 @pytest.mark.parametrize("args,message", [
     (["--backend", "cuda"], "'cuda' backend is not available"),
     (["--dtype", "float16"], "--dtype must list some of float32, float64"),
-    (["--ops", "dropout"], "no op matches"),
+    (["--ops", "no_such_op"], "no op matches"),
 ])
 def test_bench_rejects_what_it_cannot_run(args, message, capsys):
     assert _bench.bench(args) == 2
@@ -125,7 +125,7 @@ def test_compare_scales_by_tolerance_and_flags_nan_and_shape():
 
 
 def test_case_table_counts_minimal_bytes():
-    spec = _bench.Spec("batch_norm", (4, 5, 6, 3), "NHWC")
+    spec = _bench_norm.Spec("batch_norm", (4, 5, 6, 3), "NHWC")
     assert spec.axis == -1 and spec.params == 3
     cases = _bench.build(spec)
     x = 4 * 5 * 6 * 3 * 4
@@ -137,5 +137,8 @@ def test_case_table_counts_minimal_bytes():
     assert cases["fwd"].verify()["ok"] and cases["bwd"].verify()["ok"]
     assert [s.op for s in _bench.select_specs("layer_norm,rms_*")] == ["layer_norm"] * 2 + \
         ["rms_norm"] * 2
-    assert all(q.shape[1:] == s.shape[1:] for q, s in zip(_bench.select_specs(quick=True),
-                                                         _bench.STANDARD))
+    quick = [s for s in _bench.select_specs(quick=True) if _bench.family_of(s) is _bench_norm]
+    assert len(quick) == len(_bench_norm.SPECS)
+    assert all(q.shape[1:] == s.shape[1:] and q.shape[0] < s.shape[0]
+               for q, s in zip(quick, _bench_norm.SPECS))
+    assert _bench.family_of(spec) is _bench_norm and cases["fwd"].spec is spec

@@ -17,7 +17,10 @@ one-pass Welford loop does not vectorize and ran 7x slower.
 Backward (rows): per row, sum(g) and sum(g*xhat) then dx; dweight/dbias are
 accumulated into per-block partials (blocks of rows fixed by M, see
 ``_common.block_rows``) and summed in block order, so they are bitwise
-identical at any thread count.
+identical at any thread count. Rows go in groups of 4: the sums of the 4 rows
+(x and dy read from memory), then one loop over the 4 cached rows writes dx
+and adds the 4 rows' dweight/dbias terms to the partials, whose loads and
+stores (float64, 2*8*D bytes per row) otherwise dominated the backward.
 
 Bytes (minimal): fwd read x, write y (+ params and stats); bwd read dy, x,
 write dx (+ params and stats).
@@ -64,6 +67,10 @@ def _layer_norm_fwd_rows(x, w, b, eps, y, mean, rstd):
 
 @numba.njit(**PARALLEL_JIT)
 def _layer_norm_bwd_rows(dy, x, mean, rstd, w, rows_per_block, dx, dw_part, db_part):
+    """Rows in groups of 4: the sums of each row first (x and dy read from memory),
+    then dx of the 4 rows and their dweight/dbias terms in one loop over the
+    cached rows, so each partial is loaded and stored once per 4 rows
+    (1.3-1.4x faster than a row at a time, whose partial updates dominated)."""
     M, D = x.shape
     inv_d = 1.0 / max(D, 1)
     for blk in prange(dw_part.shape[0]):
@@ -71,23 +78,56 @@ def _layer_norm_bwd_rows(dy, x, mean, rstd, w, rows_per_block, dx, dw_part, db_p
         pb = db_part[blk]
         pw[:] = 0.0
         pb[:] = 0.0
-        for i in range(blk * rows_per_block, min(M, (blk + 1) * rows_per_block)):
-            mu = np.float64(mean[i])
-            r = np.float64(rstd[i])
-            sg = 0.0
-            sgx = 0.0
-            for j in range(D):
-                xh = (x[i, j] - mu) * r
-                g = dy[i, j] * w[j]
-                sg += g
-                sgx += g * xh
-                pw[j] += dy[i, j] * xh
-                pb[j] += dy[i, j]
-            a = sg * inv_d
-            c = sgx * inv_d
-            for j in range(D):
-                xh = (x[i, j] - mu) * r
-                dx[i, j] = r * (dy[i, j] * w[j] - a - xh * c)
+        i0 = blk * rows_per_block
+        i1 = min(M, i0 + rows_per_block)
+        mu = np.empty(4)
+        r = np.empty(4)
+        a = np.empty(4)   # mean(g), g = dy * w
+        c = np.empty(4)   # mean(g * (x - mean)) * rstd**2
+        for g0 in range(i0, i1, 4):
+            n = min(4, i1 - g0)
+            for t in range(n):
+                i = g0 + t
+                mu[t] = mean[i]
+                r[t] = rstd[i]
+                sg = 0.0
+                sgx = 0.0
+                for j in range(D):
+                    g = np.float64(dy[i, j]) * w[j]
+                    sg += g
+                    sgx += g * (x[i, j] - mu[t])
+                a[t] = sg * inv_d
+                c[t] = sgx * inv_d * r[t] * r[t]
+            if n == 4:
+                m0, m1, m2, m3 = mu[0], mu[1], mu[2], mu[3]
+                r0, r1, r2, r3 = r[0], r[1], r[2], r[3]
+                a0, a1, a2, a3 = a[0], a[1], a[2], a[3]
+                c0, c1, c2, c3 = c[0], c[1], c[2], c[3]
+                for j in range(D):
+                    wj = w[j]
+                    x0 = x[g0, j] - m0
+                    x1 = x[g0 + 1, j] - m1
+                    x2 = x[g0 + 2, j] - m2
+                    x3 = x[g0 + 3, j] - m3
+                    d0 = np.float64(dy[g0, j])
+                    d1 = np.float64(dy[g0 + 1, j])
+                    d2 = np.float64(dy[g0 + 2, j])
+                    d3 = np.float64(dy[g0 + 3, j])
+                    dx[g0, j] = r0 * (d0 * wj - a0 - x0 * c0)
+                    dx[g0 + 1, j] = r1 * (d1 * wj - a1 - x1 * c1)
+                    dx[g0 + 2, j] = r2 * (d2 * wj - a2 - x2 * c2)
+                    dx[g0 + 3, j] = r3 * (d3 * wj - a3 - x3 * c3)
+                    pw[j] += (d0 * x0 * r0 + d1 * x1 * r1) + (d2 * x2 * r2 + d3 * x3 * r3)
+                    pb[j] += (d0 + d1) + (d2 + d3)
+            else:  # the block's last rows
+                for t in range(n):
+                    i = g0 + t
+                    for j in range(D):
+                        xc = x[i, j] - mu[t]
+                        d = np.float64(dy[i, j])
+                        dx[i, j] = r[t] * (d * w[j] - a[t] - xc * c[t])
+                        pw[j] += d * xc * r[t]
+                        pb[j] += d
 
 
 def layer_norm(x, weight, bias, eps, normalized_ndim, out):
@@ -135,21 +175,51 @@ def _rms_norm_fwd_rows(x, w, eps, y, rstd):
 
 @numba.njit(**PARALLEL_JIT)
 def _rms_norm_bwd_rows(dy, x, rstd, w, rows_per_block, dx, dw_part):
+    """Rows in groups of 4, as ``_layer_norm_bwd_rows``."""
     M, D = x.shape
     inv_d = 1.0 / max(D, 1)
     for blk in prange(dw_part.shape[0]):
         pw = dw_part[blk]
         pw[:] = 0.0
-        for i in range(blk * rows_per_block, min(M, (blk + 1) * rows_per_block)):
-            r = np.float64(rstd[i])
-            sgx = 0.0
-            for j in range(D):
-                xh = x[i, j] * r
-                sgx += dy[i, j] * w[j] * xh
-                pw[j] += dy[i, j] * xh
-            c = sgx * inv_d
-            for j in range(D):
-                dx[i, j] = r * (dy[i, j] * w[j] - x[i, j] * r * c)
+        i0 = blk * rows_per_block
+        i1 = min(M, i0 + rows_per_block)
+        r = np.empty(4)
+        c = np.empty(4)   # mean(g * x) * rstd**3, g = dy * w
+        for g0 in range(i0, i1, 4):
+            n = min(4, i1 - g0)
+            for t in range(n):
+                i = g0 + t
+                r[t] = rstd[i]
+                sgx = 0.0
+                for j in range(D):
+                    sgx += np.float64(dy[i, j]) * w[j] * x[i, j]
+                c[t] = sgx * inv_d * r[t] * r[t] * r[t]
+            if n == 4:
+                r0, r1, r2, r3 = r[0], r[1], r[2], r[3]
+                c0, c1, c2, c3 = c[0], c[1], c[2], c[3]
+                for j in range(D):
+                    wj = w[j]
+                    x0 = np.float64(x[g0, j])
+                    x1 = np.float64(x[g0 + 1, j])
+                    x2 = np.float64(x[g0 + 2, j])
+                    x3 = np.float64(x[g0 + 3, j])
+                    d0 = np.float64(dy[g0, j])
+                    d1 = np.float64(dy[g0 + 1, j])
+                    d2 = np.float64(dy[g0 + 2, j])
+                    d3 = np.float64(dy[g0 + 3, j])
+                    dx[g0, j] = r0 * d0 * wj - x0 * c0
+                    dx[g0 + 1, j] = r1 * d1 * wj - x1 * c1
+                    dx[g0 + 2, j] = r2 * d2 * wj - x2 * c2
+                    dx[g0 + 3, j] = r3 * d3 * wj - x3 * c3
+                    pw[j] += (d0 * x0 * r0 + d1 * x1 * r1) + (d2 * x2 * r2 + d3 * x3 * r3)
+            else:
+                for t in range(n):
+                    i = g0 + t
+                    for j in range(D):
+                        xv = np.float64(x[i, j])
+                        d = np.float64(dy[i, j])
+                        dx[i, j] = r[t] * d * w[j] - xv * c[t]
+                        pw[j] += d * xv * r[t]
 
 
 def rms_norm(x, weight, eps, normalized_ndim, out):

@@ -1,0 +1,473 @@
+"""Small stateful layers for NumPy training loops, over fastreg's public kernels.
+
+Every layer has ``forward(x, training=True)`` and ``backward(dy)``, and two
+dicts: ``params`` (name -> array, updated in place by the optimizers) and
+``grads`` (the same names, written by ``backward``). Running statistics live
+in ``buffers``. A layer keeps what its backward needs from the last forward,
+so ``backward`` belongs to the latest ``forward`` call.
+
+Buffers are reused between steps: once the shapes are known, a training step
+allocates no large arrays. The arrays a layer returns (outputs and input
+gradients) are its own buffers and are overwritten by its next call; copy
+them to keep them. Inputs are not modified.
+
+>>> rng = np.random.default_rng(0)
+>>> model = Sequential(Linear(64, 32, rng=rng), LayerNorm(32), ReLU(), Linear(32, 10, rng=rng))
+>>> logits = model.forward(x, training=True)
+>>> dx = model.backward(dlogits)            # fills model.grads
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from . import _checks
+from . import norm as _norm
+
+__all__ = ["Module", "Linear", "ReLU", "LayerNorm", "RMSNorm", "BatchNorm1d", "BatchNorm2d",
+           "GroupNorm", "Sequential", "EarlyStopping"]
+
+
+class Module:
+    """Base class: ``params``, ``grads``, ``buffers`` dicts and a buffer cache."""
+
+    def __init__(self):
+        self.params = {}
+        self.grads = {}
+        self.buffers = {}
+        self._cache = {}
+
+    def forward(self, x, training=True):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def backward(self, dy):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def __call__(self, x, training=True):
+        return self.forward(x, training)
+
+    def _buffer(self, name, shape, dtype):
+        """A reused array of this shape and dtype (allocated when either changes)."""
+        shape = tuple(int(s) for s in shape)
+        a = self._cache.get(name)
+        if a is None or a.shape != shape or a.dtype != dtype:
+            a = np.empty(shape, dtype)
+            self._cache[name] = a
+        return a
+
+    def _add_param(self, name, value):
+        self.params[name] = value
+        self.grads[name] = np.zeros_like(value)
+
+    def _need_forward(self):
+        if getattr(self, "_saved", None) is None:
+            raise RuntimeError(f"{type(self).__name__}.backward: call forward(x, training=True) "
+                               "first.")
+
+    def state_dict(self):
+        """Copies of the parameters and buffers."""
+        return {**{k: v.copy() for k, v in self.params.items()},
+                **{k: v.copy() for k, v in self.buffers.items()}}
+
+    def load_state_dict(self, state):
+        """Copy arrays into the parameters and buffers (in place: optimizers keep them)."""
+        names = {**self.params, **self.buffers}
+        missing = sorted(set(names) - set(state))
+        unexpected = sorted(set(state) - set(names))
+        if missing or unexpected:
+            raise ValueError(f"{type(self).__name__}.load_state_dict: missing keys {missing}, "
+                             f"unexpected keys {unexpected}.")
+        for k, target in names.items():
+            src = np.asarray(state[k])
+            if src.shape != target.shape:
+                raise ValueError(f"{type(self).__name__}.load_state_dict: '{k}' must have shape "
+                                 f"{target.shape}, got {src.shape}.")
+            target[...] = src
+
+    def zero_grad(self):
+        for g in self.grads.values():
+            g[...] = 0
+
+    def num_parameters(self):
+        return sum(p.size for p in self.params.values())
+
+
+def _dtype(dtype, caller):
+    dt = np.dtype(dtype)
+    if dt not in (np.float32, np.float64):
+        raise TypeError(f"{caller}: 'dtype' must be float32 or float64, got {dt}.")
+    return dt
+
+
+def _generator(rng):
+    return rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+
+
+def _positive_int(name, value, caller):
+    return _checks.integer(name, value, caller=caller, ge=1)
+
+
+# --------------------------------------------------------------------------- Linear, ReLU
+
+class Linear(Module):
+    """``y = x @ weight.T + bias`` over the last axis (PyTorch's layout and initialisation:
+    weight and bias uniform in ±1/sqrt(in_features))."""
+
+    def __init__(self, in_features, out_features, bias=True, *, rng=None, dtype=np.float32):
+        super().__init__()
+        caller = "Linear"
+        self.in_features = _positive_int("in_features", in_features, caller)
+        self.out_features = _positive_int("out_features", out_features, caller)
+        dt = _dtype(dtype, caller)
+        gen = _generator(rng)
+        bound = 1.0 / math.sqrt(self.in_features)
+        self._add_param("weight", gen.uniform(-bound, bound, (self.out_features,
+                                                              self.in_features)).astype(dt))
+        if bias:
+            self._add_param("bias", gen.uniform(-bound, bound, self.out_features).astype(dt))
+        self._saved = None
+
+    def _check_input(self, x):
+        w = self.params["weight"]
+        _checks.array("x", x, caller="Linear.forward", dtypes=(w.dtype,), min_ndim=1)
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"Linear.forward: 'x' must have {self.in_features} features in its "
+                             f"last axis, got shape {x.shape}.")
+
+    def forward(self, x, training=True):
+        self._check_input(x)
+        w = self.params["weight"]
+        x2 = x.reshape(-1, self.in_features)
+        y = self._buffer("y", (x2.shape[0], self.out_features), w.dtype)
+        np.matmul(x2, w.T, out=y)
+        if "bias" in self.params:
+            y += self.params["bias"]
+        self._saved = x2
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def backward(self, dy):
+        self._need_forward()
+        x2 = self._saved
+        dy2 = np.asarray(dy).reshape(-1, self.out_features)
+        np.matmul(dy2.T, x2, out=self.grads["weight"])
+        if "bias" in self.params:
+            np.sum(dy2, axis=0, out=self.grads["bias"])
+        dx = self._buffer("dx", x2.shape, x2.dtype)
+        np.matmul(dy2, self.params["weight"], out=dx)
+        return dx.reshape(*np.shape(dy)[:-1], self.in_features)
+
+
+class ReLU(Module):
+    """``y = max(x, 0)``; the backward passes dy where y > 0."""
+
+    def forward(self, x, training=True):
+        y = self._buffer("y", x.shape, x.dtype)
+        np.maximum(x, 0, out=y)
+        self._saved = y
+        return y
+
+    def backward(self, dy):
+        self._need_forward()
+        y = self._saved
+        keep = self._buffer("keep", y.shape, np.bool_)
+        np.greater(y, 0, out=keep)
+        dx = self._buffer("dx", y.shape, y.dtype)
+        np.multiply(dy, keep, out=dx)
+        return dx
+
+
+# --------------------------------------------------------------------------- normalization
+
+class _Affine(Module):
+    def _affine(self, shape, dtype, weight=True, bias=True):
+        if weight:
+            self._add_param("weight", np.ones(shape, dtype))
+        if bias:
+            self._add_param("bias", np.zeros(shape, dtype))
+
+    def _wb(self):
+        return self.params.get("weight"), self.params.get("bias")
+
+    def _grad_out(self, dx):
+        return (dx, self.grads.get("weight"), self.grads.get("bias"))
+
+
+class LayerNorm(_Affine):
+    """Layer normalization over the trailing ``normalized_shape`` (``fastreg.layer_norm``)."""
+
+    def __init__(self, normalized_shape, eps=1e-5, elementwise_affine=True, bias=True, *,
+                 dtype=np.float32):
+        super().__init__()
+        shape = ((normalized_shape,) if isinstance(normalized_shape, (int, np.integer))
+                 else tuple(normalized_shape))
+        self.normalized_shape = tuple(_positive_int("normalized_shape", s, "LayerNorm")
+                                      for s in shape)
+        self.eps = _checks.scalar("eps", eps, caller="LayerNorm", gt=0)
+        dt = _dtype(dtype, "LayerNorm")
+        self._affine(self.normalized_shape, dt, elementwise_affine, elementwise_affine and bias)
+        self._saved = None
+
+    def forward(self, x, training=True):
+        k = len(self.normalized_shape)
+        w, b = self._wb()
+        batch = x.shape[:x.ndim - k] if x.ndim >= k else ()
+        out = (self._buffer("y", x.shape, x.dtype), self._buffer("mean", batch, _stat(x)),
+               self._buffer("rstd", batch, _stat(x)))
+        y, mean, rstd = _norm.layer_norm(x, w, b, self.eps, normalized_ndim=k, out=out)
+        self._saved = (x, mean, rstd)
+        return y
+
+    def backward(self, dy):
+        self._need_forward()
+        x, mean, rstd = self._saved
+        w, b = self._wb()
+        dx = self._buffer("dx", x.shape, x.dtype)
+        return _norm.layer_norm_backward(dy, x, mean, rstd, w, b,
+                                         normalized_ndim=len(self.normalized_shape),
+                                         out=self._grad_out(dx))[0]
+
+
+class RMSNorm(_Affine):
+    """RMS normalization over the trailing ``normalized_shape`` (``fastreg.rms_norm``)."""
+
+    def __init__(self, normalized_shape, eps=1e-6, elementwise_affine=True, *,
+                 dtype=np.float32):
+        super().__init__()
+        shape = ((normalized_shape,) if isinstance(normalized_shape, (int, np.integer))
+                 else tuple(normalized_shape))
+        self.normalized_shape = tuple(_positive_int("normalized_shape", s, "RMSNorm")
+                                      for s in shape)
+        self.eps = _checks.scalar("eps", eps, caller="RMSNorm", gt=0)
+        self._affine(self.normalized_shape, _dtype(dtype, "RMSNorm"), elementwise_affine, False)
+        self._saved = None
+
+    def forward(self, x, training=True):
+        k = len(self.normalized_shape)
+        batch = x.shape[:x.ndim - k] if x.ndim >= k else ()
+        out = (self._buffer("y", x.shape, x.dtype), self._buffer("rstd", batch, _stat(x)))
+        y, rstd = _norm.rms_norm(x, self.params.get("weight"), self.eps, normalized_ndim=k,
+                                 out=out)
+        self._saved = (x, rstd)
+        return y
+
+    def backward(self, dy):
+        self._need_forward()
+        x, rstd = self._saved
+        dx = self._buffer("dx", x.shape, x.dtype)
+        return _norm.rms_norm_backward(dy, x, rstd, self.params.get("weight"),
+                                       normalized_ndim=len(self.normalized_shape),
+                                       out=(dx, self.grads.get("weight")))[0]
+
+
+def _stat(x):
+    return np.float64 if x.dtype == np.float64 else np.float32
+
+
+class _BatchNorm(_Affine):
+    _ndims = ()
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
+                 track_running_stats=True, *, axis=1, dtype=np.float32):
+        super().__init__()
+        name = type(self).__name__
+        self.num_features = _positive_int("num_features", num_features, name)
+        self.eps = _checks.scalar("eps", eps, caller=name, gt=0)
+        if momentum is not None:
+            momentum = _checks.scalar("momentum", momentum, caller=name, ge=0, le=1)
+        self.momentum = momentum
+        self.axis = _checks.integer("axis", axis, caller=name) if axis != -1 else -1
+        if self.axis not in (1, -1):
+            raise ValueError(f"{name}: 'axis' must be 1 (channels first) or -1 (channels "
+                             f"last), got {axis!r}.")
+        dt = _dtype(dtype, name)
+        self._affine((self.num_features,), dt, affine, affine)
+        self.track_running_stats = bool(track_running_stats)
+        if self.track_running_stats:
+            self.buffers["running_mean"] = np.zeros(self.num_features, dt)
+            self.buffers["running_var"] = np.ones(self.num_features, dt)
+            self.buffers["num_batches_tracked"] = np.zeros((), np.int64)
+        self._saved = None
+
+    def _check_input(self, x):
+        name = type(self).__name__
+        if x.ndim not in self._ndims:
+            raise ValueError(f"{name}.forward: 'x' must be "
+                             f"{' or '.join(f'{d}-D' for d in self._ndims)}, got shape {x.shape}.")
+
+    def forward(self, x, training=True):
+        self._check_input(x)
+        use_batch = training or not self.track_running_stats
+        momentum = 0.0 if self.momentum is None else self.momentum
+        rm = self.buffers.get("running_mean") if self.track_running_stats else None
+        rv = self.buffers.get("running_var") if self.track_running_stats else None
+        if training and self.track_running_stats:
+            self.buffers["num_batches_tracked"] += 1
+            if self.momentum is None:          # cumulative moving average
+                momentum = 1.0 / int(self.buffers["num_batches_tracked"])
+        C = self.num_features
+        out = (self._buffer("y", x.shape, x.dtype), self._buffer("mean", (C,), _stat(x)),
+               self._buffer("rstd", (C,), _stat(x)))
+        w, b = self._wb()
+        y, mean, rstd = _norm.batch_norm(x, w, b, rm if training or not use_batch else None,
+                                         rv if training or not use_batch else None,
+                                         training=use_batch, momentum=momentum, eps=self.eps,
+                                         axis=self.axis, out=out)
+        self._saved = (x, mean, rstd, use_batch)
+        return y
+
+    def backward(self, dy):
+        self._need_forward()
+        x, mean, rstd, use_batch = self._saved
+        w, b = self._wb()
+        dx = self._buffer("dx", x.shape, x.dtype)
+        return _norm.batch_norm_backward(dy, x, mean, rstd, w, b, training=use_batch,
+                                         axis=self.axis, out=self._grad_out(dx))[0]
+
+
+class BatchNorm1d(_BatchNorm):
+    """Batch normalization of (N, C) or (N, C, L) input (``axis=-1``: (N, L, C)).
+
+    PyTorch's conventions: ``momentum`` is the weight of the new batch in the
+    running statistics, ``momentum=None`` a cumulative average (1 / batches
+    seen); in inference the running statistics normalize.
+    """
+    _ndims = (2, 3)
+
+
+class BatchNorm2d(_BatchNorm):
+    """Batch normalization of (N, C, H, W) input (``axis=-1``: NHWC). See BatchNorm1d."""
+    _ndims = (4,)
+
+
+class GroupNorm(_Affine):
+    """Group normalization (``fastreg.group_norm``) of (N, C, ...) input (``axis=-1``:
+    channels last)."""
+
+    def __init__(self, num_groups, num_channels, eps=1e-5, affine=True, *, axis=1,
+                 dtype=np.float32):
+        super().__init__()
+        self.num_groups = _positive_int("num_groups", num_groups, "GroupNorm")
+        self.num_channels = _positive_int("num_channels", num_channels, "GroupNorm")
+        if self.num_channels % self.num_groups:
+            raise ValueError(f"GroupNorm: 'num_groups' must divide num_channels "
+                             f"{self.num_channels}, got {self.num_groups}.")
+        self.eps = _checks.scalar("eps", eps, caller="GroupNorm", gt=0)
+        self.axis = axis
+        self._affine((self.num_channels,), _dtype(dtype, "GroupNorm"), affine, affine)
+        self._saved = None
+
+    def forward(self, x, training=True):
+        G, N = self.num_groups, x.shape[0]
+        out = (self._buffer("y", x.shape, x.dtype), self._buffer("mean", (N, G), _stat(x)),
+               self._buffer("rstd", (N, G), _stat(x)))
+        w, b = self._wb()
+        y, mean, rstd = _norm.group_norm(x, G, w, b, self.eps, axis=self.axis, out=out)
+        self._saved = (x, mean, rstd)
+        return y
+
+    def backward(self, dy):
+        self._need_forward()
+        x, mean, rstd = self._saved
+        w, b = self._wb()
+        dx = self._buffer("dx", x.shape, x.dtype)
+        return _norm.group_norm_backward(dy, x, mean, rstd, self.num_groups, w, b,
+                                         axis=self.axis, out=self._grad_out(dx))[0]
+
+
+# --------------------------------------------------------------------------- containers
+
+class Sequential(Module):
+    """Layers applied in order; ``params``/``grads``/``buffers`` hold every layer's arrays
+    under ``"<index>.<name>"`` (the same arrays, so updates reach the layers)."""
+
+    def __init__(self, *layers):
+        super().__init__()
+        for i, layer in enumerate(layers):
+            if not isinstance(layer, Module):
+                raise TypeError(f"Sequential: layer {i} must be a fastreg.nn.Module, got "
+                                f"{type(layer).__name__}.")
+        self.layers = list(layers)
+        for i, layer in enumerate(self.layers):
+            for k in layer.params:
+                self.params[f"{i}.{k}"] = layer.params[k]
+                self.grads[f"{i}.{k}"] = layer.grads[k]
+            for k in layer.buffers:
+                self.buffers[f"{i}.{k}"] = layer.buffers[k]
+
+    def __getitem__(self, i):
+        return self.layers[i]
+
+    def __len__(self):
+        return len(self.layers)
+
+    def forward(self, x, training=True):
+        for layer in self.layers:
+            x = layer.forward(x, training)
+        return x
+
+    def backward(self, dy):
+        for layer in reversed(self.layers):
+            dy = layer.backward(dy)
+        return dy
+
+
+# --------------------------------------------------------------------------- early stopping
+
+class EarlyStopping:
+    """Stop training when a monitored value stops improving (Keras's EarlyStopping).
+
+    After each epoch call ``step(value, model)``; it returns True when training
+    should stop: ``patience`` epochs in a row without an improvement larger
+    than ``min_delta`` (``value < best - min_delta`` for ``mode="min"``,
+    ``value > best + min_delta`` for ``mode="max"``). With ``restore_best``,
+    the model's parameters and buffers from the best epoch are kept
+    (``model.state_dict()`` copies) and loaded back into the model when it
+    stops; ``restore(model)`` does the same by hand (e.g. when the epoch budget
+    ends first).
+
+    Attributes: ``best`` (the best value), ``best_epoch`` (0-based),
+    ``wait`` (epochs since it), ``stopped_epoch`` (None until it stops),
+    ``epoch`` (epochs seen).
+    """
+
+    def __init__(self, patience=5, min_delta=0.0, mode="min", restore_best=True):
+        caller = "EarlyStopping"
+        self.patience = _checks.integer("patience", patience, caller=caller, ge=0)
+        self.min_delta = abs(_checks.scalar("min_delta", min_delta, caller=caller))
+        self.mode = _checks.choice("mode", mode, caller=caller, choices=("min", "max"))
+        self.restore_best = _checks.flag("restore_best", restore_best, caller=caller)
+        self.best = math.inf if mode == "min" else -math.inf
+        self.best_epoch = None
+        self.best_state = None
+        self.wait = 0
+        self.epoch = 0
+        self.stopped_epoch = None
+
+    def improved(self, value):
+        if self.mode == "min":
+            return value < self.best - self.min_delta
+        return value > self.best + self.min_delta
+
+    def step(self, value, model=None):
+        value = _checks.scalar("value", value, caller="EarlyStopping.step")
+        epoch = self.epoch
+        self.epoch += 1
+        if self.improved(value):
+            self.best, self.best_epoch, self.wait = value, epoch, 0
+            if self.restore_best and model is not None:
+                self.best_state = model.state_dict()
+            return False
+        self.wait += 1
+        if self.wait >= self.patience:
+            self.stopped_epoch = epoch
+            if self.restore_best and model is not None:
+                self.restore(model)
+            return True
+        return False
+
+    def restore(self, model):
+        """Load the best epoch's parameters and buffers into ``model`` (if any were kept)."""
+        if self.best_state is not None:
+            model.load_state_dict(self.best_state)
