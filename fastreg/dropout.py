@@ -123,6 +123,9 @@ class DropConnectMask(DropoutMask):
         super().__init__(kind, shape, p, scale, seed, offset)
         self.per_example = bool(per_example)
 
+    def __repr__(self):
+        return super().__repr__()[:-1] + f", per_example={self.per_example})"
+
 
 class GaussianMask:
     """The multiplicative noise of a :func:`gaussian_dropout` call (0 bytes: regenerated).
@@ -560,7 +563,7 @@ def drop_connect_inference(x, weight, bias, p, *, activation, n_samples, rng, mo
     return y
 
 
-# =========================================================================== fused dropout + add + LN
+# ====================================================================== fused dropout + add + LN
 
 def _row_shapes(caller, normalized_ndim, x):
     k = _checks.integer("normalized_ndim", normalized_ndim, caller=caller, ge=1)

@@ -460,7 +460,7 @@ def test_drop_connect_inference_approximates_monte_carlo_of_real_drop_connect(rn
     assert np.all(np.abs(y - mc) < 5 * mc_se + 0.03 * sd), (y, mc, mc_se)
 
 
-# =========================================================================== fused dropout + add + LN
+# ====================================================================== fused dropout + add + LN
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: np.dtype(t).name)
 @pytest.mark.parametrize("backend", ["cpu", "reference"])

@@ -152,7 +152,7 @@ def drop_connect_inference(x, weight, bias, seed, offset, mean_scale, var_scale,
     y[...] = _ACTIVATIONS[activation](u).mean(axis=-1).reshape(y.shape)
 
 
-# =========================================================================== fused dropout + add + LN
+# ====================================================================== fused dropout + add + LN
 
 def dropout_add_layer_norm(x, residual, weight, bias, seed, offset, threshold, scale, eps,
                            normalized_ndim, out):
