@@ -48,10 +48,12 @@ from numba import prange
 from numba.core import types
 from numba.extending import intrinsic
 
-from ._common import CACHE
+from ._common import JIT
 
-_ELEMENTWISE = dict(nogil=True, cache=CACHE, error_model="numpy", boundscheck=False)
-_REDUCING = dict(_ELEMENTWISE, fastmath={"reassoc"})
+# _common.JIT (nogil, cache=True unless FASTREG_NUMBA_CACHE=0) with the fast-math
+# flags narrowed as the module docstring explains.
+_ELEMENTWISE = dict(JIT, fastmath=False)
+_REDUCING = dict(JIT, fastmath={"reassoc"})
 _SERIAL = _ELEMENTWISE
 _PARALLEL = dict(_ELEMENTWISE, parallel=True)
 _PARALLEL_REDUCING = dict(_REDUCING, parallel=True)
