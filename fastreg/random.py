@@ -174,11 +174,6 @@ def draw(rng, size):
     return rng.take(blocks_for(size))
 
 
-def key(seed):
-    """The Philox key words ``(seed & 0xFFFFFFFF, seed >> 32)``."""
-    return seed & 0xFFFFFFFF, seed >> 32
-
-
 def threshold(p):
     """``floor(p * 2**32)`` (exact: scaling a float64 by 2**32 does not round)."""
     return int(np.floor(float(p) * 4294967296.0))

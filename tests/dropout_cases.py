@@ -51,6 +51,7 @@ ROW_SHAPES = [
     ((1, 1), 1, "contig"),
     ((2, 3, 5), 2, "contig"),
     ((3, 1030), 1, "contig"),
+    ((263, 9), 1, "contig"),        # 9 rows per reduction block: groups of 4, 4 and 1
     ((5, 37), 1, "strided"),
     ((0, 4), 1, "contig"),
     ((4, 3, 2, 5), 1, "channels_last"),

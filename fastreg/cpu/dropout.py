@@ -192,8 +192,7 @@ def dropout_add_layer_norm_backward(dy, s, mean, rstd, weight, seed, offset, thr
     rows, nb = block_rows(M)
     dw_part = np.empty((nb, D), np.float64)
     db_part = np.empty((nb, D), np.float64)
-    dres_in = np.empty((0, D), s.dtype) if dresidual_sum is None else \
-        contiguous(dresidual_sum).reshape(M, D)
+    dres_in = None if dresidual_sum is None else contiguous(dresidual_sum).reshape(M, D)
     dxt, drt = target(dx), target(dresidual)
     _dropout_add_ln_bwd(contiguous(dy).reshape(M, D), contiguous(s).reshape(M, D),
                         contiguous(mean).reshape(M), contiguous(rstd).reshape(M),
