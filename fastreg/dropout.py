@@ -251,6 +251,15 @@ def dropout(x, p, *, rng=None, training=True, mode="inverted", mask="bits", out=
     ----------
     Srivastava et al., "Dropout: a simple way to prevent neural networks from
     overfitting", JMLR 15, 2014.
+
+    Examples
+    --------
+    >>> gen = fastreg.random.Generator(1234)
+    >>> y, mask = fastreg.dropout(x, 0.1, rng=gen)            # 1 bit per element kept
+    >>> dx = fastreg.dropout_backward(dy, mask)
+    >>> y2, m2 = fastreg.dropout(x, 0.1, rng=gen, mask="seed")  # 0 bytes kept
+    >>> mask.nbytes, m2.nbytes
+    (128, 0)                                                  # x.size == 1024
     """
     caller = "dropout"
     impl = _setup(caller, backend, x)
@@ -611,6 +620,13 @@ def dropout_add_layer_norm(x, residual, weight, bias, p, *, rng=None, eps=1e-5, 
     One kernel: bytes moved read x, residual (+ weight, bias); write y, s
     (+ mean, rstd). Unfused, dropout + add + layer_norm move x, y1, y1,
     residual, s, s, y (7 passes instead of 4) plus the mask bits.
+
+    Examples
+    --------
+    >>> y, s, mean, rstd, mask = fastreg.dropout_add_layer_norm(
+    ...     x, residual, weight, bias, 0.1, rng=gen)
+    >>> dx, dres, dw, db = fastreg.dropout_add_layer_norm_backward(
+    ...     dy, s, mean, rstd, weight, bias, mask)
     """
     caller = "dropout_add_layer_norm"
     impl = _setup(caller, backend, x, residual=residual, weight=weight, bias=bias)
