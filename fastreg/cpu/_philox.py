@@ -162,22 +162,104 @@ def _pack_bits(bits, w, m, threshold):
         bits[q] = word
 
 
+@intrinsic
+def _f64_bits(typingctx, x):
+    """The IEEE-754 bits of a float64 as an int64 (a bitcast)."""
+    if x != types.float64:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(64))
+    return types.int64(x), codegen
+
+
+@intrinsic
+def _f64_from_bits(typingctx, i):
+    """The float64 whose IEEE-754 bits are the int64 ``i`` (a bitcast)."""
+    if i != types.int64:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.DoubleType())
+    return types.float64(i), codegen
+
+
+# fdlibm's log (e_log.c) and sin/cos kernels (FreeBSD k_sin.c, k_cos.c): each
+# within 1 ulp, branch-free here, so the Box-Muller loop vectorizes (Numba
+# calls libm one element at a time, 5-10x slower).
+LN2_HI = 6.93147180369123816490e-01
+LN2_LO = 1.90821492927058770002e-10
+LG1, LG2, LG3, LG4 = 6.666666666666735130e-01, 3.999999999940941908e-01, \
+    2.857142874366239149e-01, 2.222219843214978396e-01
+LG5, LG6, LG7 = 1.818357216161805012e-01, 1.531383769920937332e-01, 1.479819860511658591e-01
+S1, S2, S3 = -1.66666666666666324348e-01, 8.33333333332248946124e-03, \
+    -1.98412698298579493134e-04
+S4, S5, S6 = 2.75573137070700676789e-06, -2.50507602534068634195e-08, 1.58969099521155010221e-10
+C1, C2, C3 = 4.16666666666666019037e-02, -1.38888888888741095749e-03, \
+    2.48015872894767294178e-05
+C4, C5, C6 = -2.75573143513906633035e-07, 2.08757232129817482790e-09, -1.13596475577881948265e-11
+TURN_24 = 2.0 * np.pi * 2.0**-24       # radians per 2**-24 of a turn
+
+
+@numba.njit(inline="always", **_SERIAL)
+def _log(x):
+    """Natural log of a normal, positive, finite float64 (fdlibm's algorithm)."""
+    bits = _f64_bits(x)
+    hx = bits >> 32
+    k = (hx >> 20) - 1023
+    hx &= 0x000FFFFF
+    i = (hx + 0x95F64) & 0x100000
+    # x scaled by a power of 2 into [sqrt(2)/2, sqrt(2))
+    m = _f64_from_bits(((hx | (i ^ 0x3FF00000)) << 32) | (bits & 0xFFFFFFFF))
+    k += i >> 20
+    f = m - 1.0
+    s = f / (2.0 + f)
+    dk = np.float64(k)
+    z = s * s
+    w = z * z
+    t1 = w * (LG2 + w * (LG4 + w * LG6))
+    t2 = z * (LG1 + w * (LG3 + w * (LG5 + w * LG7)))
+    r = t2 + t1
+    hfsq = 0.5 * f * f
+    near = dk * LN2_HI - ((hfsq - (s * (hfsq + r) + dk * LN2_LO)) - f)
+    far = dk * LN2_HI - ((s * (f - r) - dk * LN2_LO) - f)
+    return near if ((hx - 0x6147A) | (0x6B851 - hx)) > 0 else far
+
+
+@numba.njit(inline="always", **_SERIAL)
+def _cos_sin_turns(j):
+    """(cos, sin) of 2*pi*j/2**24 for an integer 0 <= j < 2**24. The reduction to
+    [-pi/4, pi/4] is exact (integer arithmetic on j); then fdlibm's kernels."""
+    q = (j + (1 << 21)) >> 22             # nearest quarter turn, 0..4
+    a = np.float64(j - (q << 22)) * TURN_24
+    z = a * a
+    w = z * z
+    rs = S2 + z * (S3 + z * S4) + z * w * (S5 + z * S6)
+    sa = a + z * a * (S1 + z * rs)
+    rc = z * (C1 + z * (C2 + z * C3)) + w * w * (C4 + z * (C5 + z * C6))
+    hz = 0.5 * z
+    v = 1.0 - hz
+    ca = v + (((1.0 - v) - hz) + z * rc)
+    # rotate by q quarter turns: (ca, sa), (-sa, ca), (-ca, -sa), (sa, -ca), written
+    # as one swap and two signs (a chain of selects kept LLVM from vectorizing)
+    odd = (q & 1) == 1
+    sign_c = 1.0 - 2.0 * np.float64(((q + 1) >> 1) & 1)
+    sign_s = 1.0 - 2.0 * np.float64((q >> 1) & 1)
+    return (sa if odd else ca) * sign_c, (ca if odd else sa) * sign_s
+
+
 @numba.njit(**_SERIAL)
 def _box_muller(w, nblocks, z):
-    """z[4b .. 4b+3] = the four standard normals of the block words w[4b .. 4b+3]."""
-    for b in range(nblocks):
-        u0 = np.float64(w[4 * b] >> 8) * INV24
-        u1 = np.float64(w[4 * b + 1] >> 8) * INV24
-        u2 = np.float64(w[4 * b + 2] >> 8) * INV24
-        u3 = np.float64(w[4 * b + 3] >> 8) * INV24
-        r01 = np.sqrt(-2.0 * np.log(1.0 - u0))
-        t01 = TWO_PI * u1
-        r23 = np.sqrt(-2.0 * np.log(1.0 - u2))
-        t23 = TWO_PI * u3
-        z[4 * b] = r01 * np.cos(t01)
-        z[4 * b + 1] = r01 * np.sin(t01)
-        z[4 * b + 2] = r23 * np.cos(t23)
-        z[4 * b + 3] = r23 * np.sin(t23)
+    """z[4b .. 4b+3] = the four standard normals of the block words w[4b .. 4b+3]:
+    for each word pair (2p, 2p+1) (the pairs (0, 1) and (2, 3) of a block),
+    r = sqrt(-2 log(1 - u_2p)), t = 2 pi u_2p+1, z = (r cos t, r sin t),
+    u = (word >> 8) * 2**-24, as in fastreg/random.py's contract. Vectorized:
+    3.9 ns per block against 21.6 with libm's scalar log/sin/cos."""
+    for p in range(2 * nblocks):
+        r = np.sqrt(-2.0 * _log(1.0 - np.float64(np.int64(w[2 * p]) >> 8) * INV24))
+        c, s = _cos_sin_turns(np.int64(w[2 * p + 1]) >> 8)
+        z[2 * p] = r * c
+        z[2 * p + 1] = r * s
 
 
 # =========================================================================== random family
