@@ -67,7 +67,8 @@ class Spec:
 STANDARD = [
     Spec("dropout", (4096, 4096), "mask=bits"),
     Spec("dropout", (4096, 4096), "mask=seed"),
-    Spec("dropout_add_layer_norm", (8192, 1024), "rows"),
+    Spec("dropout_add_layer_norm", (8192, 1024), "mask=seed"),
+    Spec("dropout_add_layer_norm", (8192, 1024), "mask=bits"),
     Spec("gaussian_noise", (4096, 4096), "additive", directions=("fwd",)),
     Spec("gaussian_dropout", (4096, 4096), "multiplicative"),
     Spec("drop_connect", (4096, 1024), "per batch", out_features=1024),
@@ -139,8 +140,9 @@ def fastreg_calls(spec, d):
                 None, (("y",), ()))
     if op == "dropout_add_layer_norm":
         r, w, b = d["residual"], d["weight"], d["bias"]
-        return ((lambda out=None, **k: fastreg.dropout_add_layer_norm(x, r, w, b, P, rng=SEED,
-                                                                      eps=EPS, out=out, **k)),
+        kind = spec.layout.split("=")[1]
+        return ((lambda out=None, **k: fastreg.dropout_add_layer_norm(
+                    x, r, w, b, P, rng=SEED, eps=EPS, mask=kind, out=out, **k)),
                 (lambda saved, out=None, **k: fastreg.dropout_add_layer_norm_backward(
                     dy, saved[1], saved[2], saved[3], w, b, saved[4], out=out, **k)),
                 (("y", "residual_sum", "mean", "rstd"), ("dx", "dresidual", "dweight", "dbias")))
@@ -152,11 +154,13 @@ def _arrays(result):
 
 
 def _out_buffers(spec, saved):
-    """Preallocated outputs for the forward: like its arrays (dropout: y and the bits)."""
-    if spec.op == "dropout":
-        mask = saved[-1]
-        return (np.empty_like(saved[0]), None if mask.bits is None else np.empty_like(mask.bits))
-    return tuple(np.empty_like(a) for a in _arrays(saved))
+    """Preallocated outputs for the forward: like its arrays, and for dropout and the
+    fused op the mask bits too (None for a "seed" mask)."""
+    arrays = tuple(np.empty_like(a) for a in _arrays(saved))
+    if spec.op in ("dropout", "dropout_add_layer_norm"):
+        bits = saved[-1].bits
+        return (*arrays, None if bits is None else np.empty_like(bits))
+    return arrays
 
 
 def _unfused_calls(d):
@@ -260,8 +264,9 @@ def _bytes(spec, d, saved, grads):
         fwd = _nbytes(x, saved[0]) + params
         return fwd, (_nbytes(dy, x, d["weight"], *grads) if grads else 0)
     if op == "dropout_add_layer_norm":
-        fwd = _nbytes(x, d["residual"], d["weight"], d["bias"], *saved[:4])
-        return fwd, _nbytes(dy, *saved[1:4], d["weight"], *grads)
+        bits = saved[-1].nbytes
+        fwd = _nbytes(x, d["residual"], d["weight"], d["bias"], *saved[:4]) + bits
+        return fwd, _nbytes(dy, *saved[1:4], d["weight"], *grads) + bits
     raise ValueError(op)
 
 
@@ -357,7 +362,7 @@ def summary(rows):
         lines.append(f"dropout_add_layer_norm fused vs fastreg's dropout, add, layer_norm "
                      f"(target >= {FUSED_TARGET:g}x; the byte counts bound it at 1.76x when both "
                      f"run at the same GB/s): " + ", ".join(
-                         f"{r['direction']} {r['dtype']} "
+                         f"{r['direction']} {r['layout']} {r['dtype']} "
                          f"{r['ms']['fastreg unfused'] / r['ms']['fastreg']:.2f}x all out=, "
                          f"{r['ms']['fastreg unfused fresh'] / r['ms']['fastreg fresh']:.2f}x "
                          f"all fresh" for r in fused))

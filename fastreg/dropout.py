@@ -583,7 +583,8 @@ def _row_shapes(caller, normalized_ndim, x):
 
 
 def dropout_add_layer_norm(x, residual, weight, bias, p, *, rng=None, eps=1e-5, training=True,
-                           mode="inverted", normalized_ndim=1, out=None, backend=None):
+                           mode="inverted", mask="seed", normalized_ndim=1, out=None,
+                           backend=None):
     """Fused ``s = dropout(x) + residual``, ``y = layer_norm(s)`` (a transformer's sublayer exit).
 
     ::
@@ -602,10 +603,13 @@ def dropout_add_layer_norm(x, residual, weight, bias, p, *, rng=None, eps=1e-5, 
     residual_sum : ndarray like x, ``s`` (the next sublayer's residual, and
         what the backward normalizes again)
     mean, rstd : ndarray of the batch shape (float32; float64 for float64 x)
-    mask : DropoutMask, kind "seed" (0 bytes). The backward needs the
-        dropout mask; rather than storing it, this fifth return value records
-        the stream position ``(seed, offset)`` and the backward regenerates the
-        mask from it. Unpack as ``y, s, mean, rstd, mask = ...``.
+    mask : DropoutMask. The backward needs the dropout mask; the four arrays
+        do not hold it, so this fifth return value does. By default (kind
+        "seed", 0 bytes) it records only the stream position ``(seed,
+        offset)`` and the backward regenerates the mask from it; with
+        ``mask="bits"`` it also keeps 1 bit per element, and the backward
+        reads the bits instead of running Philox again (faster: Philox costs
+        more than reading n/8 bytes). Unpack as ``y, s, mean, rstd, mask = ...``.
 
     Parameters
     ----------
@@ -613,12 +617,14 @@ def dropout_add_layer_norm(x, residual, weight, bias, p, *, rng=None, eps=1e-5, 
     weight, bias : ndarray of the normalized shape, or None
     p : float in [0, 1]; rng : Generator or int, required when training
     eps : float > 0
-    out : tuple ``(y, residual_sum, mean, rstd)``, optional (arrays only)
+    mask : "seed" (default) | "bits", as in :func:`dropout`
+    out : tuple ``(y, residual_sum, mean, rstd)`` or, to reuse the bits of
+        ``mask="bits"``, ``(y, residual_sum, mean, rstd, bits)``; optional
 
     Notes
     -----
     One kernel: bytes moved read x, residual (+ weight, bias); write y, s
-    (+ mean, rstd). Unfused, dropout + add + layer_norm move x, y1, y1,
+    (+ mean, rstd, and n/8 bytes of bits for ``mask="bits"``). Unfused, dropout + add + layer_norm move x, y1, y1,
     residual, s, s, y (7 passes instead of 4) plus the mask bits.
 
     Examples
@@ -633,23 +639,29 @@ def dropout_add_layer_norm(x, residual, weight, bias, p, *, rng=None, eps=1e-5, 
     _checks.like("residual", residual, caller=caller, shape=x.shape, dtype=x.dtype,
                  none_ok=False)
     p, rng, training, mode = _common(caller, p, rng, training, mode)
+    kind = _checks.choice("mask", mask, caller=caller, choices=_MASK_KINDS)
     eps = _checks.scalar("eps", eps, caller=caller, gt=0)
     k, pshape, bshape, sd = _row_shapes(caller, normalized_ndim, x)
     _checks.like("weight", weight, caller=caller, shape=pshape, dtype=x.dtype)
     _checks.like("bias", bias, caller=caller, shape=pshape, dtype=x.dtype)
+    if isinstance(out, (tuple, list)) and len(out) == 4:
+        out = (*out, None)
+    store = training and kind == "bits"
     outs = _checks.out(caller, out, [("y", x.shape, x.dtype, None),
                                      ("residual_sum", x.shape, x.dtype, None),
-                                     ("mean", bshape, sd, None), ("rstd", bshape, sd, None)],
+                                     ("mean", bshape, sd, None), ("rstd", bshape, sd, None),
+                                     ("mask", (_nwords(x.size),), _BITS if store else None,
+                                      None)],
                        dict(x=x, residual=residual, weight=weight, bias=bias))
     scale = _keep_scale(p, mode, training)
     if training:
         seed, offset = _random.draw(rng, x.size)
-        threshold, kind = _random.threshold(p), "seed"
+        threshold = _random.threshold(p)
     else:
         seed, offset, threshold, kind = None, None, 0, "none"
     impl.dropout_add_layer_norm(x, residual, weight, bias, seed or 0, offset or 0, threshold,
                                 scale, eps, k, outs)
-    return (*outs, DropoutMask(kind, x.shape, p, scale, seed, offset))
+    return (*outs[:4], DropoutMask(kind, x.shape, p, scale, seed, offset, outs[4]))
 
 
 def dropout_add_layer_norm_backward(dy, residual_sum, mean, rstd, weight, bias, mask, *,
@@ -669,7 +681,8 @@ def dropout_add_layer_norm_backward(dy, residual_sum, mean, rstd, weight, bias, 
     weight : the forward's weight or None; bias : looked at for presence only
         (dbias is computed iff it is given, as in :func:`fastreg.layer_norm_backward`)
     mask : the DropoutMask returned by the forward (any DropoutMask of this
-        shape works: its stream position is regenerated)
+        shape works): its bits are read when it has them, else the mask is
+        regenerated from its stream position
     dresidual_sum : gradient flowing into ``residual_sum`` from elsewhere
         (pre-norm transformers pass s on), added to ds; None for none.
 
@@ -680,8 +693,8 @@ def dropout_add_layer_norm_backward(dy, residual_sum, mean, rstd, weight, bias, 
 
     Notes
     -----
-    Bytes moved: read dy, s (+ dresidual_sum, weight, mean, rstd); write dx,
-    dresidual (+ dweight, dbias). dweight/dbias are reduced from per-block
+    Bytes moved: read dy, s (+ dresidual_sum, weight, mean, rstd, the n/8
+    bytes of a "bits" mask); write dx, dresidual (+ dweight, dbias). dweight/dbias are reduced from per-block
     partials in a fixed order: bitwise identical at any thread count.
     """
     caller = "dropout_add_layer_norm_backward"
@@ -703,7 +716,8 @@ def dropout_add_layer_norm_backward(dy, residual_sum, mean, rstd, weight, bias, 
         ("dbias", pshape, None if bias is None else x.dtype, None)],
         dict(dy=dy, residual_sum=x, mean=mean, rstd=rstd, weight=weight,
              dresidual_sum=dresidual_sum))
-    impl.dropout_add_layer_norm_backward(dy, x, mean, rstd, weight, mask.seed or 0,
+    _checks.same_kind(caller, residual_sum=x, mask=mask.bits)
+    impl.dropout_add_layer_norm_backward(dy, x, mean, rstd, weight, mask.bits, mask.seed or 0,
                                          mask.offset or 0, mask.threshold, mask.scale,
                                          dresidual_sum, k, outs)
     return tuple(outs)

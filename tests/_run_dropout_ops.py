@@ -51,6 +51,13 @@ def run():
                                                                    mask, dresidual_sum=s)):
         if gr is not None:
             out[f"ln_bwd{i}"] = gr
+    y, s, mean, rstd, mask = fastreg.dropout_add_layer_norm(xr[:, :100], xr[:, 3:103], xr[1, :100],
+                                                            None, 0.2, rng=g, mask="bits")
+    out.update(lnb_y=y, lnb_s=s, lnb_bits=mask.bits)
+    for i, gr in enumerate(fastreg.dropout_add_layer_norm_backward(y, s, mean, rstd, xr[1, :100],
+                                                                   None, mask)):
+        if gr is not None:
+            out[f"lnb_bwd{i}"] = gr
     out["offset"] = np.array([g.offset], np.uint64)
     return out
 

@@ -52,6 +52,7 @@ ROW_SHAPES = [
     ((2, 3, 5), 2, "contig"),
     ((3, 1030), 1, "contig"),
     ((263, 9), 1, "contig"),        # 9 rows per reduction block: groups of 4, 4 and 1
+    ((300, 37), 1, "contig"),       # forward row blocks of 192 rows: 2 blocks of mask words
     ((5, 37), 1, "strided"),
     ((0, 4), 1, "contig"),
     ((4, 3, 2, 5), 1, "channels_last"),
@@ -206,7 +207,8 @@ DROPOUT_ADD_LAYER_NORM = Op(
     forward=lambda d, backend, g, out=None: fastreg.dropout_add_layer_norm(
         d["x"], d["residual"], d["weight"], d["bias"], d["p"], rng=g, eps=1e-5,
         training=d.get("training", True), mode=d.get("mode", "inverted"),
-        normalized_ndim=d["normalized_ndim"], out=out, backend=backend),
+        mask=d.get("mask", "seed"), normalized_ndim=d["normalized_ndim"], out=out,
+        backend=backend),
     backward=lambda d, saved, dy, backend, out=None: fastreg.dropout_add_layer_norm_backward(
         dy, saved[1], saved[2], saved[3], d["weight"], d["bias"], saved[4],
         dresidual_sum=d.get("dresidual_sum"), normalized_ndim=d["normalized_ndim"], out=out,
@@ -214,8 +216,11 @@ DROPOUT_ADD_LAYER_NORM = Op(
     shapes=ROW_SHAPES,
     variants=[{"p": 0.3}, {"p": 0.3, "dres": True}, {"p": 0.0, "affine": False},
               {"p": 1.0}, {"p": 0.3, "training": False},
-              {"p": 0.3, "mode": "weight_scaling", "dres": True}],
+              {"p": 0.3, "mode": "weight_scaling", "dres": True},
+              {"p": 0.3, "mask": "bits"}, {"p": 0.6, "mask": "bits", "dres": True}],
     bitwise=(1,),
+    outs=lambda ref, poison: (*(poison(a) for a in ref[:4]),
+                              None if ref[4].bits is None else poison(ref[4].bits)),
 )
 
 OPS = [DROPOUT, GAUSSIAN_NOISE, GAUSSIAN_DROPOUT, DROP_CONNECT, DROP_CONNECT_INFERENCE,

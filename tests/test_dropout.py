@@ -514,6 +514,28 @@ def test_dropout_add_layer_norm_gradients_match_finite_differences(backend, rng)
               f"dropout_add_layer_norm {backend}")
 
 
+@pytest.mark.parametrize("shape", [(300, 37), (5, 64), (17, 1)])
+def test_dropout_add_layer_norm_bits_mask_gives_the_seed_mask_and_the_same_gradients(shape, rng):
+    x, r, dy = (rng.standard_normal(shape).astype(np.float32) for _ in range(3))
+    w = rng.standard_normal(shape[-1]).astype(np.float32)
+    fs = fastreg.dropout_add_layer_norm(x, r, w, None, 0.3, rng=Generator(4, 2**32 - 2))
+    fb = fastreg.dropout_add_layer_norm(x, r, w, None, 0.3, rng=Generator(4, 2**32 - 2),
+                                        mask="bits")
+    for a, b in zip(fs[:4], fb[:4]):
+        assert_bitwise(a, b, case="forward")
+    seed_mask, bits_mask = fs[4], fb[4]
+    assert bits_mask.kind == "bits" and bits_mask.nbytes == 4 * ((x.size + 31) // 32)
+    assert np.array_equal(bits_mask.to_bool(), seed_mask.to_bool())
+    # the same bits as dropout's at that stream position
+    _, dm = fastreg.dropout(x, 0.3, rng=Generator(4, 2**32 - 2))
+    assert_bitwise(bits_mask.bits, dm.bits, case="bits")
+    gs = fastreg.dropout_add_layer_norm_backward(dy, *fs[1:4], w, None, seed_mask)
+    gb = fastreg.dropout_add_layer_norm_backward(dy, *fb[1:4], w, None, bits_mask)
+    for a, b in zip(gs, gb):
+        if a is not None:
+            assert_bitwise(a, b, case="backward: bits vs regenerated")
+
+
 def test_dropout_add_layer_norm_backward_accepts_a_stored_bits_mask(rng):
     """The backward regenerates from (seed, offset): a dropout mask of the same
     stream position works too."""

@@ -505,20 +505,29 @@ def _moment_matching(mean, var, k0, k1, offset, S, activation, y):
 # =========================================================================== dropout + add + LN
 
 @numba.njit(**_PARALLEL_REDUCING)
-def _dropout_add_ln_fwd(x, res, w, b, k0, k1, offset, threshold, scale, eps, y, s, mean, rstd):
+def _dropout_add_ln_fwd(x, res, w, b, k0, k1, offset, threshold, scale, eps, rows_per_block,
+                        y, s, mean, rstd, bits):
     """Per row i (one stream element per (i, j), index i * D + j):
     s = x * keep * scale + res (two roundings in the dtype);
-    one shifted float64 pass for mean/var (shift: the row's first s), then y."""
+    one shifted float64 pass for mean/var (shift: the row's first s), then y.
+
+    Rows go in blocks of ``rows_per_block`` whose stream range starts on a
+    multiple of 32 elements (the caller picks it): the block's words come from
+    one Philox pass and, when ``bits`` is not empty, its keep bits are whole
+    mask words, so no two threads write the same word."""
     M, D = x.shape
     inv_d = 1.0 / max(D, 1)
     zero = scale - scale
-    for blk in prange((M + _ROWS - 1) // _ROWS):
-        words = np.empty(D + 8, np.uint32)
-        for i in range(blk * _ROWS, min(M, (blk + 1) * _ROWS)):
-            lead = 0
-            if threshold != 0:
-                lead = _fill_range(words, i * D, D, k0, k1, offset)
-            wd = words[lead:lead + D]
+    store = bits.size > 0
+    for blk in prange((M + rows_per_block - 1) // rows_per_block):
+        i0 = blk * rows_per_block
+        i1 = min(M, i0 + rows_per_block)
+        count = (i1 - i0) * D
+        words = np.empty((count + 31) // 32 * 32 + 8, np.uint32)
+        if threshold != 0:
+            _fill_range(words, i0 * D, count, k0, k1, offset)   # lead 0: i0 * D % 32 == 0
+        for i in range(i0, i1):
+            wd = words[(i - i0) * D:(i - i0 + 1) * D]
             xi = x[i]
             ri = res[i]
             si = s[i]
@@ -544,13 +553,24 @@ def _dropout_add_ln_fwd(x, res, w, b, k0, k1, offset, threshold, scale, eps, y, 
                 yi[j] = (si[j] - mu) * r * w[j] + b[j]
             mean[i] = mu
             rstd[i] = r
+        if store:
+            _pack_bits(bits[i0 * D // 32:(i1 * D + 31) // 32], words, count, threshold)
+
+
+@numba.njit(**_SERIAL)
+def _keep_factors_from_bits(bits, e0, scale, kf):
+    """kf[j] = scale if bit e0 + j of the mask bits is set, else 0."""
+    for j in range(kf.size):
+        e = e0 + j
+        kf[j] = scale if (bits[e >> 5] >> (e & 31)) & 1 else 0.0
 
 
 @numba.njit(**_PARALLEL_REDUCING)
-def _dropout_add_ln_bwd(dy, s, mean, rstd, w, dres_in, k0, k1, offset, threshold, scale,
+def _dropout_add_ln_bwd(dy, s, mean, rstd, w, dres_in, bits, k0, k1, offset, threshold, scale,
                         rows_per_block, dx, dres, dw_part, db_part):
     """ds = rstd * (g - mean(g) - xhat * mean(g * xhat)) + dres_in, g = dy * w;
-    dres = ds, dx = ds * keep * scale (keep regenerated for the rows' stream range).
+    dres = ds, dx = ds * keep * scale (keep read from ``bits`` when it is not
+    empty, else regenerated for the rows' stream range).
 
     As layer norm's backward (cpu/norm.py), rows in groups of 4: the sums of each
     row; the 4 rows' keep factors (one contiguous stream range) into a small
@@ -588,7 +608,10 @@ def _dropout_add_ln_bwd(dy, s, mean, rstd, w, dres_in, k0, k1, offset, threshold
                     sgx += g * (s[i, j] - mu[t])
                 a[t] = sg * inv_d
                 c[t] = sgx * inv_d * r[t] * r[t]
-            if threshold != 0:
+            if bits.size > 0:
+                for t in range(n):
+                    _keep_factors_from_bits(bits, (g0 + t) * D, scale, kf[t])
+            elif threshold != 0:
                 lead = _fill_range(words, g0 * D, n * D, k0, k1, offset)
                 for t in range(n):
                     wt = words[lead + t * D:lead + (t + 1) * D]

@@ -21,6 +21,8 @@ because the stream index is the C-order index of the logical tensor.
   as one stream range.
 """
 
+import math
+
 import numpy as np
 
 from ._common import block_rows, contiguous, finish, param, reduce_blocks, target
@@ -175,21 +177,28 @@ def _rows(a, k):
     return int(np.prod(a.shape[:a.ndim - k])), D
 
 
+def _word_aligned_rows(D, elements=8192):
+    """Rows per block: a multiple of 32 / gcd(D, 32), so every block's stream range
+    starts on a mask word, near ``elements`` elements."""
+    r0 = 32 // math.gcd(max(D, 1), 32)
+    return r0 * max(1, elements // (r0 * max(D, 1)))
+
+
 def dropout_add_layer_norm(x, residual, weight, bias, seed, offset, threshold, scale, eps,
                            normalized_ndim, out):
-    y, s, mean, rstd = out
+    y, s, mean, rstd, bits = out
     M, D = _rows(x, normalized_ndim)
     yt, st, mt, rt = target(y), target(s), target(mean), target(rstd)
     _dropout_add_ln_fwd(contiguous(x).reshape(M, D), contiguous(residual).reshape(M, D),
                         param(weight, D, x.dtype, 1.0), param(bias, D, x.dtype, 0.0),
                         *stream_args(seed, offset), np.uint64(threshold), x.dtype.type(scale),
-                        float(eps), yt.reshape(M, D), st.reshape(M, D), mt.reshape(M),
-                        rt.reshape(M))
+                        float(eps), _word_aligned_rows(D), yt.reshape(M, D), st.reshape(M, D),
+                        mt.reshape(M), rt.reshape(M), _NO_BITS if bits is None else bits)
     finish(y, yt), finish(s, st), finish(mean, mt), finish(rstd, rt)
 
 
-def dropout_add_layer_norm_backward(dy, s, mean, rstd, weight, seed, offset, threshold, scale,
-                                    dresidual_sum, normalized_ndim, out):
+def dropout_add_layer_norm_backward(dy, s, mean, rstd, weight, bits, seed, offset, threshold,
+                                    scale, dresidual_sum, normalized_ndim, out):
     dx, dresidual, dweight, dbias = out
     M, D = _rows(s, normalized_ndim)
     rows, nb = block_rows(M)
@@ -199,7 +208,8 @@ def dropout_add_layer_norm_backward(dy, s, mean, rstd, weight, seed, offset, thr
     dxt, drt = target(dx), target(dresidual)
     _dropout_add_ln_bwd(contiguous(dy).reshape(M, D), contiguous(s).reshape(M, D),
                         contiguous(mean).reshape(M), contiguous(rstd).reshape(M),
-                        param(weight, D, s.dtype, 1.0), dres_in, *stream_args(seed, offset),
+                        param(weight, D, s.dtype, 1.0), dres_in,
+                        _NO_BITS if bits is None else bits, *stream_args(seed, offset),
                         np.uint64(threshold), float(scale), rows, dxt.reshape(M, D),
                         drt.reshape(M, D), dw_part, db_part)
     finish(dx, dxt), finish(dresidual, drt)

@@ -156,19 +156,22 @@ def drop_connect_inference(x, weight, bias, seed, offset, mean_scale, var_scale,
 
 def dropout_add_layer_norm(x, residual, weight, bias, seed, offset, threshold, scale, eps,
                            normalized_ndim, out):
-    y, s, mean, rstd = out
+    y, s, mean, rstd, bits = out
     keep = _keep(seed, offset, x.shape, threshold)
     s[...] = x * _factor(keep, scale, x.dtype) + residual
     _norm.layer_norm(s, weight, bias, eps, normalized_ndim, [y, mean, rstd])
+    if bits is not None:
+        bits[...] = pack_bits(keep)
 
 
-def dropout_add_layer_norm_backward(dy, s, mean, rstd, weight, seed, offset, threshold, scale,
-                                    dresidual_sum, normalized_ndim, out):
+def dropout_add_layer_norm_backward(dy, s, mean, rstd, weight, bits, seed, offset, threshold,
+                                    scale, dresidual_sum, normalized_ndim, out):
     dx, dresidual, dweight, dbias = out
     ds = np.empty(s.shape, np.float64)
     _norm.layer_norm_backward(dy, s, mean, rstd, weight, normalized_ndim, [ds, dweight, dbias])
     if dresidual_sum is not None:
         ds += dresidual_sum
-    keep = _keep(seed, offset, s.shape, threshold)
+    keep = unpack_bits(bits, s.shape) if bits is not None else \
+        _keep(seed, offset, s.shape, threshold)
     dresidual[...] = ds
     dx[...] = ds * np.where(keep, scale, 0.0)
