@@ -19,7 +19,12 @@ from .dropout import (
 )
 from .norm import (
     batch_norm,
+    batch_norm_apply,
     batch_norm_backward,
+    batch_norm_backward_apply,
+    batch_norm_backward_reduce,
+    batch_norm_combine,
+    batch_norm_stats,
     group_norm,
     group_norm_backward,
     instance_norm,
@@ -29,6 +34,18 @@ from .norm import (
     rms_norm,
     rms_norm_backward,
 )
+from .prox import (
+    adam_step,
+    adamw_step,
+    cross_entropy_label_smoothing,
+    max_norm,
+    min_max_scale,
+    prox_elastic_net,
+    prox_group_l1,
+    prox_l1,
+    sgd_step,
+    standardize,
+)
 
 __version__ = "0.1.0"
 
@@ -37,6 +54,8 @@ __all__ = [
     "layer_norm", "layer_norm_backward",
     "rms_norm", "rms_norm_backward",
     "batch_norm", "batch_norm_backward",
+    "batch_norm_stats", "batch_norm_combine", "batch_norm_apply",
+    "batch_norm_backward_reduce", "batch_norm_backward_apply",
     "group_norm", "group_norm_backward",
     "instance_norm", "instance_norm_backward",
     "random",
@@ -44,4 +63,7 @@ __all__ = [
     "gaussian_noise", "gaussian_dropout", "gaussian_dropout_backward", "GaussianMask",
     "drop_connect", "drop_connect_backward", "drop_connect_inference", "DropConnectMask",
     "dropout_add_layer_norm", "dropout_add_layer_norm_backward",
+    "prox_l1", "prox_elastic_net", "prox_group_l1", "max_norm",
+    "sgd_step", "adam_step", "adamw_step",
+    "cross_entropy_label_smoothing", "standardize", "min_max_scale",
 ]

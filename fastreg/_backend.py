@@ -1,13 +1,19 @@
 """The one dispatch point: which implementation runs a call.
 
 NumPy arrays go to the Numba kernels (``"cpu"``); ``"reference"`` forces the
-NumPy reference. CuPy arrays will go to ``"cuda"``; until that backend exists
-they get a clear error. A backend is chosen, in order, by the ``backend=``
-argument of a call, the innermost :func:`use_backend` context, the
-``FASTREG_BACKEND`` environment variable, and the arrays' library.
+NumPy reference. CuPy arrays go to the CUDA kernels (``"cuda"``);
+``"cuda_emulator"`` runs those same kernels on NumPy arrays under the host
+emulation (for tests and for reading the kernels without a GPU). A backend is
+chosen, in order, by the ``backend=`` argument of a call, the innermost
+:func:`use_backend` context, the ``FASTREG_BACKEND`` environment variable,
+and the arrays' library.
 
 Adding a backend means one package (``fastreg/<name>/`` with the family
-modules and a ``DTYPES`` tuple) plus one line in ``_REGISTRY``.
+modules and a ``DTYPES`` tuple) plus one line in ``_REGISTRY``. A family
+module may list in ``UNSUPPORTED`` the public functions it does not run yet:
+they raise a RuntimeError naming the function rather than fall back.
+
+CuPy is imported only when a CuPy array is met.
 """
 
 from __future__ import annotations
@@ -23,11 +29,14 @@ import numpy as np
 _REGISTRY = {
     "cpu": "fastreg.cpu",
     "reference": "fastreg.reference",
+    "cuda": "fastreg.cuda",
+    "cuda_emulator": "fastreg.cuda",
 }
 # array library -> backend that runs it by default
 _DEFAULT_FOR_KIND = {"numpy": "cpu", "cupy": "cuda"}
 # backend -> array library it accepts
-_KIND_OF_BACKEND = {"cpu": "numpy", "reference": "numpy", "cuda": "cupy"}
+_KIND_OF_BACKEND = {"cpu": "numpy", "reference": "numpy", "cuda": "cupy",
+                    "cuda_emulator": "numpy"}
 
 _forced = contextvars.ContextVar("fastreg_backend", default=None)
 
@@ -43,8 +52,8 @@ def array_kind(a):
 
 
 def names():
-    """Backends that can be requested (those registered, plus the planned 'cuda')."""
-    return tuple(sorted(set(_REGISTRY) | {"cuda"}))
+    """Backends that can be requested."""
+    return tuple(sorted(_REGISTRY))
 
 
 @contextlib.contextmanager
@@ -83,11 +92,12 @@ def select(family, *arrays, backend=None, caller="fastreg"):
     if _KIND_OF_BACKEND[name] != kind:
         raise TypeError(f"{caller}: backend {name!r} runs {_KIND_OF_BACKEND[name]} arrays, "
                         f"got {kind} arrays.")
-    if name not in _REGISTRY:
-        raise RuntimeError(f"{caller}: the {name!r} backend for {kind} arrays is not available "
-                           "in this version of fastreg; use NumPy arrays (backend 'cpu' or "
-                           "'reference').")
-    return importlib.import_module(f"{_REGISTRY[name]}.{family}")
+    module = importlib.import_module(f"{_REGISTRY[name]}.{family}")
+    if caller in getattr(module, "UNSUPPORTED", ()):
+        raise RuntimeError(f"{caller}: the {name!r} backend does not implement {caller} in this "
+                           "version of fastreg; use NumPy arrays with backend 'cpu' or "
+                           "'reference'.")
+    return module
 
 
 def dtypes(family, *arrays, backend=None, caller="fastreg"):
@@ -97,17 +107,24 @@ def dtypes(family, *arrays, backend=None, caller="fastreg"):
     return module, package.DTYPES
 
 
+def _xp(kind):
+    if kind == "cupy":
+        import cupy
+        return cupy
+    return np
+
+
 def empty(shape, dtype, *, like=None, inputs=None):
     """A fresh output in the library of the inputs; copies ``like``'s layout."""
-    kinds = {array_kind(a) for a in (inputs or {}).values() if a is not None}
-    if not kinds <= {"numpy"}:  # pragma: no cover - no GPU backend yet
-        raise RuntimeError(f"no allocator for {sorted(kinds)} arrays yet")
+    kinds = {array_kind(a) for a in (inputs or {}).values() if a is not None} - {None}
+    xp = _xp("cupy" if "cupy" in kinds else "numpy")
     if like is not None:
-        return np.empty_like(like, dtype=dtype, order="K")
-    return np.empty(shape, dtype=dtype)
+        return xp.empty_like(like, dtype=dtype, order="K")
+    return xp.empty(shape, dtype=dtype)
 
 
 def may_share_memory(a, b):
-    if array_kind(a) == "numpy" and array_kind(b) == "numpy":
-        return np.may_share_memory(a, b)
-    return False  # pragma: no cover - GPU backend
+    ka, kb = array_kind(a), array_kind(b)
+    if ka != kb or ka is None:
+        return False  # different libraries: different memory
+    return bool(_xp(ka).may_share_memory(a, b))

@@ -79,7 +79,7 @@ TORCH_TOLERANCE = (1e-3, 1e-3)  # sanity check of the torch peer (float32 accumu
 #   DTYPES         the dtype names its CPU kernels run
 #   build(spec, torch=None, seed=0) -> {direction: Case}
 #   summary(rows)  -> lines of notes under the table (may return [])
-FAMILIES = ("norm", "dropout")
+FAMILIES = ("norm", "dropout", "prox")
 
 
 def families():
@@ -277,6 +277,8 @@ def measure(case, repeat, ceiling_gbs, budget_s=None):
     row["ms"] = {peer: t["s"] * 1e3 for peer, t in times.items()}
     row["samples"] = {peer: t["samples"] for peer, t in times.items()}
     for variant in ("fastreg", "fastreg fresh"):
+        if variant not in row["ms"]:          # an in-place update has no fresh outputs
+            continue
         ms = row["ms"][variant]
         gbs = case.nbytes / ms / 1e6
         row[variant] = {"ms": ms, "GB/s": gbs, "% copy": 100.0 * gbs / ceiling_gbs,
@@ -338,6 +340,8 @@ def table_cells(rows):
             continue
         ms = r["ms"]
         for i, variant in enumerate(("fastreg", "fastreg fresh")):
+            if variant not in r:              # an in-place update has no fresh outputs
+                continue
             v = r[variant]
             cells = [r["case"] if i == 0 else "", r["layout"] if i == 0 else "",
                      r["backend"] if i == 0 else "",

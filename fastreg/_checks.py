@@ -187,3 +187,138 @@ def out(caller, out_arg, specs, inputs):
                       "an overlapping array")
         result.append(o)
     return result
+
+
+# --------------------------------------------------------------------------- prox family
+
+def axes(name, value, *, caller, ndim):
+    """None (every axis), an int or a tuple of ints: the sorted tuple of distinct
+    axes in [0, ndim)."""
+    if value is None:
+        return tuple(range(ndim))
+    items = value if isinstance(value, (tuple, list)) else (value,)
+    out_axes = []
+    for v in items:
+        if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Integral):
+            _fail(TypeError, caller, name, "None, an integer axis or a tuple of them",
+                  f"{type(value).__name__} {value!r}")
+        if not -ndim <= int(v) < ndim:
+            _fail(ValueError, caller, name, f"axes in [-{ndim}, {ndim}) for a {ndim}-D input",
+                  repr(value))
+        out_axes.append(int(v) % ndim)
+    if len(set(out_axes)) != len(out_axes):
+        _fail(ValueError, caller, name, "distinct axes", repr(value))
+    return tuple(sorted(out_axes))
+
+
+def scalar_or_array(name, value, *, caller, dtype, shape, ge=None, gt=None):
+    """A finite real number, or an array of ``dtype`` that broadcasts to ``shape``
+    (without enlarging it) holding finite values within the bounds.
+
+    Returns a float or the array. Checking an array's values reads it once;
+    a threshold that is negative or NaN would turn a shrinkage into garbage
+    silently, so the read is worth it.
+    """
+    bounds = ("" if ge is None else f" >= {ge}") + ("" if gt is None else f" > {gt}")
+    if _backend.array_kind(value) is None:
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+            _fail(TypeError, caller, name, "a real number or an array",
+                  f"{type(value).__name__} {value!r}")
+        return scalar(name, value, caller=caller, ge=ge, gt=gt)
+    if value.dtype != dtype:
+        _fail(TypeError, caller, name, f"a number or an array of dtype {np.dtype(dtype).name}",
+              f"dtype {value.dtype}")
+    try:
+        target_shape = np.broadcast_shapes(tuple(value.shape), tuple(shape))
+    except ValueError:
+        target_shape = None
+    if target_shape != tuple(shape):
+        _fail(ValueError, caller, name, f"an array that broadcasts to shape {tuple(shape)}",
+              f"shape {value.shape}")
+    ok = value < math.inf
+    if ge is not None:
+        ok &= value >= ge
+    if gt is not None:
+        ok &= value > gt
+    if not bool(ok.all()):
+        _fail(ValueError, caller, name, f"an array of finite values{bounds}",
+              "an array with other values")
+    return value
+
+
+def _address(a):
+    return a.__array_interface__["data"][0]
+
+
+def same_view(a, b):
+    """True when ``a`` and ``b`` are the same elements in the same order (``out=x``)."""
+    if a is b:
+        return True
+    if _backend.array_kind(a) != "numpy" or _backend.array_kind(b) != "numpy":
+        return False
+    return (a.shape == b.shape and a.strides == b.strides and a.dtype == b.dtype
+            and _address(a) == _address(b))
+
+
+def inplace_out(caller, out_arg, x, *, name, inputs):
+    """Validate a single ``out=`` that may be ``x`` itself (in place) or separate
+    memory; allocate one like ``x`` (same memory layout) when None.
+
+    ``inputs`` maps the names of other arrays read by the op to the arrays; the
+    output must not overlap them (nor overlap ``x`` partially: an update read
+    and written through two different views of one buffer is ill-defined).
+    """
+    if out_arg is None:
+        return _backend.empty(x.shape, x.dtype, like=x, inputs={name: x})
+    if _backend.array_kind(out_arg) is None:
+        _fail(TypeError, caller, "out", "an array or None", type(out_arg).__name__)
+    if tuple(out_arg.shape) != tuple(x.shape):
+        _fail(ValueError, caller, "out", f"an array of shape {tuple(x.shape)}",
+              f"shape {out_arg.shape}")
+    if out_arg.dtype != x.dtype:
+        _fail(TypeError, caller, "out", f"of dtype {np.dtype(x.dtype).name}",
+              f"dtype {out_arg.dtype}")
+    if not _writeable(out_arg):
+        _fail(ValueError, caller, "out", "writeable", "a read-only array")
+    if not same_view(out_arg, x) and _backend.may_share_memory(out_arg, x) \
+            and np.shares_memory(out_arg, x):
+        _fail(ValueError, caller, "out", f"'{name}' itself (in place) or memory separate from it",
+              "an overlapping view")
+    for in_name, a in inputs.items():
+        if _backend.array_kind(a) is not None and _backend.may_share_memory(out_arg, a):
+            _fail(ValueError, caller, "out", f"memory separate from '{in_name}'",
+                  "an overlapping array")
+    return out_arg
+
+
+def _byte_bounds(a):
+    lo = hi = _address(a)
+    if a.flags.c_contiguous:
+        return lo, lo + a.nbytes
+    for n, s in zip(a.shape, a.strides):
+        if n == 0:
+            return lo, lo
+        if s < 0:
+            lo += (n - 1) * s
+        else:
+            hi += (n - 1) * s
+    return lo, hi + a.itemsize
+
+
+def disjoint(caller, named):
+    """No two arrays of ``named`` (a sequence of ``(label, array)``) share an element.
+
+    Sorts the arrays' byte ranges and confirms each range overlap with
+    ``np.shares_memory`` (interleaved strided views may overlap in range
+    without sharing elements); O(n log n) for the usual disjoint tensors.
+    """
+    spans = sorted((*_byte_bounds(a), i) for i, (_, a) in enumerate(named) if a.size)
+    active = []  # (hi, index) of ranges that may still overlap the next one
+    for lo, hi, i in spans:
+        active = [(h, j) for h, j in active if h > lo]
+        for _, j in active:
+            if np.shares_memory(named[i][1], named[j][1]):
+                first, second = sorted((i, j))
+                _fail(ValueError, caller, named[second][0],
+                      f"memory separate from '{named[first][0]}'", "an overlapping array")
+        active.append((hi, i))

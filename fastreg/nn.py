@@ -25,9 +25,10 @@ import numpy as np
 
 from . import _checks
 from . import norm as _norm
+from . import prox as _prox
 
 __all__ = ["Module", "Linear", "ReLU", "LayerNorm", "RMSNorm", "BatchNorm1d", "BatchNorm2d",
-           "GroupNorm", "Sequential", "EarlyStopping"]
+           "GroupNorm", "Sequential", "SGD", "AdamW", "EarlyStopping"]
 
 
 class Module:
@@ -411,6 +412,96 @@ class Sequential(Module):
         for layer in reversed(self.layers):
             dy = layer.backward(dy)
         return dy
+
+
+# --------------------------------------------------------------------------- optimizers
+
+class _Optimizer:
+    """Updates ``model.params`` in place from ``model.grads`` with one fused call over
+    every parameter (the list forms of ``fastreg.sgd_step`` / ``adam_step``)."""
+
+    def __init__(self, model, lr, caller):
+        if not isinstance(model, Module):
+            raise TypeError(f"{caller}: 'model' must be a fastreg.nn.Module, got "
+                            f"{type(model).__name__}.")
+        self.model = model
+        self.names = list(model.params)
+        self.lr = _checks.scalar("lr", lr, caller=caller, ge=0)
+        self.steps = 0
+
+    def _lists(self):
+        return ([self.model.params[k] for k in self.names],
+                [self.model.grads[k] for k in self.names])
+
+
+class SGD(_Optimizer):
+    """SGD with PyTorch's semantics plus decoupled weight decay and an L1 prox.
+
+    ``weight_decay`` is the coupled L2 penalty (added to the gradient, as in
+    ``torch.optim.SGD``); ``decoupled_weight_decay`` shrinks the weights by
+    ``1 - lr * decoupled_weight_decay`` each step; ``l1 > 0`` soft-thresholds
+    the weights by ``lr * l1`` after the step, which leaves exact zeros. One
+    pass over every parameter (``fastreg.sgd_step`` on the list).
+    """
+
+    def __init__(self, model, lr, momentum=0.0, dampening=0.0, nesterov=False,
+                 weight_decay=0.0, decoupled_weight_decay=0.0, l1=0.0):
+        super().__init__(model, lr, "SGD")
+        self.momentum = _checks.scalar("momentum", momentum, caller="SGD", ge=0)
+        self.dampening = dampening
+        self.nesterov = nesterov
+        self.weight_decay = weight_decay
+        self.decoupled_weight_decay = decoupled_weight_decay
+        self.l1 = l1
+        self.buffers = ([np.empty_like(model.params[k]) for k in self.names]
+                        if self.momentum > 0 else None)
+
+    def step(self):
+        ws, gs = self._lists()
+        _prox.sgd_step(ws, gs, lr=self.lr, momentum=self.momentum, dampening=self.dampening,
+                       nesterov=self.nesterov, weight_decay=self.weight_decay,
+                       decoupled_weight_decay=self.decoupled_weight_decay, l1=self.l1,
+                       momentum_buffer=self.buffers, first_step=self.steps == 0)
+        self.steps += 1
+
+
+class AdamW(_Optimizer):
+    """Adam with PyTorch's semantics: decoupled weight decay (AdamW) or a coupled L2
+    penalty (Adam), plus an L1 prox.
+
+    ``decoupled_weight_decay`` (default 0.01, torch's AdamW default) shrinks the
+    weights by ``1 - lr * decoupled_weight_decay`` before the Adam update;
+    ``weight_decay`` instead adds ``weight_decay * w`` to the gradient (Adam
+    with L2, whose effective decay is then rescaled per weight by Adam's
+    denominator). Give one of the two: the fused step applies one kind of
+    decay. ``l1 > 0`` soft-thresholds by ``lr * l1`` after the step.
+    """
+
+    def __init__(self, model, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                 decoupled_weight_decay=0.01, l1=0.0, amsgrad=False):
+        super().__init__(model, lr, "AdamW")
+        wd = _checks.scalar("weight_decay", weight_decay, caller="AdamW", ge=0)
+        dwd = _checks.scalar("decoupled_weight_decay", decoupled_weight_decay, caller="AdamW",
+                             ge=0)
+        if wd > 0 and dwd > 0:
+            raise ValueError("AdamW: 'weight_decay' (coupled L2) and 'decoupled_weight_decay' "
+                             f"cannot both be > 0, got {weight_decay!r} and "
+                             f"{decoupled_weight_decay!r}; set the other to 0.")
+        self.decoupled = wd == 0
+        self.decay = dwd if self.decoupled else wd
+        self.betas, self.eps, self.l1, self.amsgrad = betas, eps, l1, bool(amsgrad)
+        self.exp_avg = [np.zeros_like(model.params[k]) for k in self.names]
+        self.exp_avg_sq = [np.zeros_like(model.params[k]) for k in self.names]
+        self.max_exp_avg_sq = ([np.zeros_like(model.params[k]) for k in self.names]
+                               if self.amsgrad else None)
+
+    def step(self):
+        ws, gs = self._lists()
+        self.steps += 1
+        _prox.adam_step(ws, gs, self.exp_avg, self.exp_avg_sq, step=self.steps, lr=self.lr,
+                        betas=self.betas, eps=self.eps, weight_decay=self.decay,
+                        decoupled_weight_decay=self.decoupled, amsgrad=self.amsgrad,
+                        max_exp_avg_sq=self.max_exp_avg_sq, l1=self.l1)
 
 
 # --------------------------------------------------------------------------- early stopping

@@ -37,6 +37,15 @@ def run():
         g = fastreg.batch_norm_backward(data(*shape), x, m, r, w, b, axis=axis, y=y,
                                         activation="relu")
         results[name] = (y, m, r, rm, rv, *g)
+        # the split steps (sync batch norm), on two uneven slices
+        parts = [fastreg.batch_norm_stats(xs, axis=axis) for xs in (x[:2], x[2:])]
+        n, m, v = fastreg.batch_norm_combine(*(np.stack([p[i] for p in parts]) for i in range(3)))
+        y, r = fastreg.batch_norm_apply(x, m, v, w, b, rm, rv, count=int(n[0]), axis=axis)
+        dy = data(*shape)
+        sdy, sdx = fastreg.batch_norm_backward_reduce(dy, x, m, r, axis=axis)
+        dx = fastreg.batch_norm_backward_apply(dy, x, m, r, w, sdy, sdx, count=int(n[0]),
+                                               axis=axis)
+        results[name + "_split"] = (*parts[0], *parts[1], n, m, v, y, r, rm, rv, sdy, sdx, dx)
 
     for name, shape, axis in [("gn_nchw", (5, 12, 9, 11), 1), ("gn_nhwc", (5, 9, 11, 12), -1)]:
         x = data(*shape)

@@ -54,7 +54,8 @@ def test_environment_variable_selects_backend(reference_calls, monkeypatch):
 
 
 def test_use_backend_rejects_unknown_names():
-    with pytest.raises(ValueError, match="'backend' must be one of 'cpu', 'cuda', 'reference'"):
+    with pytest.raises(ValueError, match="'backend' must be one of 'cpu', 'cuda', "
+                                         "'cuda_emulator', 'reference'"):
         with fastreg.use_backend("gpu"):
             pass
 
@@ -65,3 +66,12 @@ def test_import_compiles_nothing():
     code = "import sys, fastreg; print('numba' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False", "importing fastreg must not load Numba or compile"
+
+
+def test_import_loads_neither_cupy_nor_the_cuda_backend():
+    import subprocess
+    import sys
+    code = ("import sys, fastreg; "
+            "print(sorted(m for m in ('cupy', 'ml_dtypes', 'fastreg.cuda') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

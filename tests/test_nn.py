@@ -247,3 +247,64 @@ def test_short_training_run_lowers_the_loss(rng):
         for k, p in model.params.items():
             p -= 0.5 * model.grads[k]
     assert loss < 0.5 * first
+
+
+def _quadratic_model(rng):
+    model = nn.Linear(5, 3, rng=rng, dtype=np.float64)
+    target = rng.standard_normal((3, 5))
+    return model, target
+
+
+def _fill_grads(model, target):
+    """Gradient of 0.5 * ||W - target||^2 (and of 0.5 * ||b||^2)."""
+    model.grads["weight"][...] = model.params["weight"] - target
+    model.grads["bias"][...] = model.params["bias"]
+
+
+@pytest.mark.parametrize("kind", ["sgd", "sgd_momentum", "adamw", "adam_l2"])
+def test_optimizers_match_the_step_functions(kind, rng):
+    import fastreg
+    model, target = _quadratic_model(rng)
+    ws = [model.params["weight"].copy(), model.params["bias"].copy()]
+    if kind.startswith("sgd"):
+        m = 0.9 if kind == "sgd_momentum" else 0.0
+        opt = nn.SGD(model, lr=0.1, momentum=m, weight_decay=0.01,
+                     decoupled_weight_decay=0.02, l1=0.05)
+        bufs = [np.empty_like(w) for w in ws]
+    else:
+        l2 = kind == "adam_l2"
+        opt = nn.AdamW(model, lr=0.05, weight_decay=0.1 if l2 else 0.0,
+                       decoupled_weight_decay=0.0 if l2 else 0.1, l1=0.01)
+        ms, vs = [np.zeros_like(w) for w in ws], [np.zeros_like(w) for w in ws]
+    for t in range(1, 6):
+        _fill_grads(model, target)
+        gs = [ws[0] - target, ws[1].copy()]
+        opt.step()
+        if kind.startswith("sgd"):
+            fastreg.sgd_step(ws, gs, lr=0.1, momentum=m, weight_decay=0.01,
+                             decoupled_weight_decay=0.02, l1=0.05,
+                             momentum_buffer=bufs if m else None, first_step=t == 1)
+        else:
+            fastreg.adam_step(ws, gs, ms, vs, step=t, lr=0.05, weight_decay=0.1, l1=0.01,
+                              decoupled_weight_decay=not l2)
+    np.testing.assert_array_equal(model.params["weight"], ws[0])
+    np.testing.assert_array_equal(model.params["bias"], ws[1])
+
+
+def test_sgd_with_l1_reaches_exact_zeros(rng):
+    model, target = _quadratic_model(rng)
+    target[np.abs(target) < 0.8] = 0.0                  # a sparse optimum
+    opt = nn.SGD(model, lr=0.2, l1=0.05)
+    for _ in range(200):
+        _fill_grads(model, target)
+        opt.step()
+    w = model.params["weight"]
+    assert np.all(w[target == 0] == 0.0), "L1 prox leaves exact zeros where the optimum is 0"
+    assert np.all(w[target != 0] != 0.0)
+
+
+def test_adamw_rejects_two_kinds_of_decay():
+    with pytest.raises(ValueError, match="AdamW: 'weight_decay' .* cannot both be > 0"):
+        nn.AdamW(nn.Linear(2, 2), weight_decay=0.1, decoupled_weight_decay=0.1)
+    with pytest.raises(TypeError, match="SGD: 'model' must be a fastreg.nn.Module"):
+        nn.SGD({"w": np.zeros(3)}, lr=0.1)

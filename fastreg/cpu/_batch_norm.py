@@ -47,13 +47,17 @@ thread count.
 
 Bytes (minimal): fwd read x, write y; bwd read dy, x (+ y for ReLU), write dx
 (+ params and statistics). The row kernels read the inputs twice.
+
+The split kernels at the end (statistics, their merge, backward sums and dx
+as separate steps, for fastreg.distributed) use the same two strategies.
 """
 
 import numba
 import numpy as np
 from numba import prange
 
-from ._common import PARALLEL_JIT, REDUCE_BLOCKS, ChannelLayout, block_rows, param
+from ._common import (JIT, PARALLEL_JIT, REDUCE_BLOCKS, ChannelLayout, block_rows, contiguous,
+                      param)
 
 
 # Chunks shorter than this many bytes go to the row kernels: read channel by
@@ -333,3 +337,300 @@ def batch_norm_backward(dy, x, mean, rstd, weight, training, axis, y, out):
         dweight[...] = dw
     if dbias is not None:
         dbias[...] = db
+
+
+# --------------------------------------------------------------------------- split kernels
+#
+# Batch norm split into local partials and an apply step, so that the
+# statistics of a batch spread over several processes can be combined between
+# the two (fastreg.distributed). The same two strategies as above; every sum
+# runs in an order fixed by the shape. The forward apply step is the
+# inference path of ``batch_norm`` above (normalize with given statistics).
+#
+#   stats:           count = n, mean = k + s1 / n, M2 = s2 - s1**2 / n
+#                    (s1 = sum(x - k), s2 = sum((x - k)**2), k the channel's first element)
+#   combine:         Chan's pairwise merge, ranks in index order
+#   backward_reduce: sum_dy = sum(dz), sum_dy_xhat = rstd * sum(dz * (x - mean))
+#   backward_apply:  dx = alpha * dz - beta * (x - mean) - gamma, with
+#                    alpha = rstd * w, beta = alpha * rstd * sum_dy_xhat / n,
+#                    gamma = alpha * sum_dy / n  (n the global count; beta = gamma = 0
+#                    in inference)
+#
+# Bytes: stats read x; backward_reduce reads dy, x (+ y); backward_apply reads
+# dy, x (+ y) and writes dx. Across the collective nothing stays in cache, so a
+# training step reads x and dy once more than the single-process kernels do.
+
+@numba.njit(**PARALLEL_JIT)
+def _batch_norm_stats_channels(x, G, shift, count, mean, m2):
+    A, C, B = x.shape
+    n = A * B
+    inv_n = 1.0 / max(n, 1)
+    for grp in prange((C + G - 1) // G):
+        c0 = grp * G
+        c1 = min(C, c0 + G)
+        # mean and m2 first accumulate the shifted sums, chunk by chunk.
+        mean[c0:c1] = 0.0
+        m2[c0:c1] = 0.0
+        for a in range(A):
+            for c in range(c0, c1):
+                k = np.float64(shift[c])
+                s1 = 0.0
+                s2 = 0.0
+                for j in range(B):
+                    d = x[a, c, j] - k
+                    s1 += d
+                    s2 += d * d
+                mean[c] += s1
+                m2[c] += s2
+        for c in range(c0, c1):
+            m1 = mean[c] * inv_n
+            v = m2[c] - mean[c] * m1
+            if v < 0.0:  # rounding; NaN passes through
+                v = 0.0
+            mean[c] = shift[c] + m1
+            m2[c] = v
+            count[c] = n
+
+
+@numba.njit(**PARALLEL_JIT)
+def _batch_norm_stats_rows(x, B, rows_per_block, shift, count, mean, m2, part1, part2):
+    M, K = x.shape  # K = C*B columns; column j belongs to channel j // B
+    C = mean.shape[0]
+    nb = part1.shape[0]
+    k = np.empty(K, x.dtype)
+    for j in range(K):
+        k[j] = shift[j // B]
+    for blk in prange(nb):
+        p1 = part1[blk]
+        p2 = part2[blk]
+        p1[:] = 0.0
+        p2[:] = 0.0
+        i0 = blk * rows_per_block
+        i1 = min(M, i0 + rows_per_block)
+        i4 = i0 + (i1 - i0) // 4 * 4
+        for i in range(i0, i4, 4):
+            for j in range(K):
+                kj = np.float64(k[j])
+                d0 = x[i, j] - kj
+                d1 = x[i + 1, j] - kj
+                d2 = x[i + 2, j] - kj
+                d3 = x[i + 3, j] - kj
+                p1[j] += (d0 + d1) + (d2 + d3)
+                p2[j] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
+        for i in range(i4, i1):
+            for j in range(K):
+                d = x[i, j] - np.float64(k[j])
+                p1[j] += d
+                p2[j] += d * d
+    n = M * B
+    inv_n = 1.0 / max(n, 1)
+    for c in prange(C):
+        s1 = 0.0
+        s2 = 0.0
+        for blk in range(nb):
+            for j in range(c * B, (c + 1) * B):
+                s1 += part1[blk, j]
+                s2 += part2[blk, j]
+        m1 = s1 * inv_n
+        v = s2 - s1 * m1
+        if v < 0.0:
+            v = 0.0
+        mean[c] = shift[c] + m1 if n else 0.0
+        m2[c] = v
+        count[c] = n
+
+
+def batch_norm_stats(x, axis, out):
+    count, mean, m2 = out
+    layout = ChannelLayout(x, axis)
+    A, C, B = layout.shape3
+    x3 = layout.input(x)
+    shift = x3[0, :, 0].copy() if A * B else np.zeros(C, x.dtype)
+    n64, mean64, m264 = np.empty(C), np.empty(C), np.empty(C)
+    if _channels_first(B, x.itemsize):
+        _batch_norm_stats_channels(x3, _channel_group(A, B, C, x.itemsize), shift,
+                                   n64, mean64, m264)
+    else:
+        rows, nb = _row_blocks(A)
+        K = C * B
+        _batch_norm_stats_rows(x3.reshape(A, K), B, rows, shift, n64, mean64, m264,
+                               np.empty((nb, K)), np.empty((nb, K)))
+    count[...] = n64
+    mean[...] = mean64
+    m2[...] = m264
+
+
+@numba.njit(**JIT)
+def _batch_norm_combine(counts, means, m2s, count, mean, var):
+    R, C = counts.shape
+    for c in range(C):
+        n = 0.0
+        mu = 0.0
+        s = 0.0
+        for r in range(R):  # rank order: the same merge on every process
+            nb = np.float64(counts[r, c])
+            if nb == 0.0:  # an empty rank's mean and M2 are not looked at
+                continue
+            tot = n + nb
+            delta = means[r, c] - mu
+            frac = nb / tot
+            mu += delta * frac
+            s += m2s[r, c] + delta * delta * n * frac
+            n = tot
+        count[c] = n
+        mean[c] = mu
+        var[c] = s / n if n > 0.0 else 0.0
+
+
+def batch_norm_combine(counts, means, m2s, out):
+    count, mean, var = out
+    C = counts.shape[1]
+    n64, mean64, var64 = np.empty(C), np.empty(C), np.empty(C)
+    _batch_norm_combine(contiguous(counts), contiguous(means), contiguous(m2s),
+                        n64, mean64, var64)
+    count[...] = n64
+    mean[...] = mean64
+    var[...] = var64
+
+
+@numba.njit(**PARALLEL_JIT)
+def _batch_norm_bwd_reduce_channels(dy, x, y, mean, rstd, G, sum_dy, sum_dy_xhat):
+    A, C, B = x.shape
+    for grp in prange((C + G - 1) // G):
+        c0 = grp * G
+        c1 = min(C, c0 + G)
+        sum_dy[c0:c1] = 0.0
+        sum_dy_xhat[c0:c1] = 0.0  # sum(dz * (x - mean)) until scaled by rstd below
+        for a in range(A):
+            for c in range(c0, c1):
+                mu = mean[c]
+                sg = 0.0
+                sgx = 0.0
+                for j in range(B):
+                    g = _dz(dy, y, (a, c, j))
+                    sg += g
+                    sgx += g * (x[a, c, j] - mu)
+                sum_dy[c] += sg
+                sum_dy_xhat[c] += sgx
+        for c in range(c0, c1):
+            sum_dy_xhat[c] *= rstd[c]
+
+
+@numba.njit(**PARALLEL_JIT)
+def _batch_norm_bwd_reduce_rows(dy, x, y, mean, rstd, B, rows_per_block, sum_dy, sum_dy_xhat,
+                                part_g, part_gx):
+    M, K = x.shape  # K = C*B columns; column j belongs to channel j // B
+    C = mean.shape[0]
+    nb = part_g.shape[0]
+    # Sums about mu, the mean rounded to x's dtype (small, so it stays in L1);
+    # sum(g * (x - mean)) = sum(g * (x - mu)) - (mean - mu) * sum(g) per channel.
+    mu = np.empty(K, x.dtype)
+    for j in range(K):
+        mu[j] = mean[j // B]
+    for blk in prange(nb):
+        pg = part_g[blk]
+        pgx = part_gx[blk]
+        pg[:] = 0.0
+        pgx[:] = 0.0
+        for i in range(blk * rows_per_block, min(M, (blk + 1) * rows_per_block)):
+            for j in range(K):
+                g = _dz(dy, y, (i, j))
+                pg[j] += g
+                pgx[j] += g * (x[i, j] - np.float64(mu[j]))
+    for c in prange(C):
+        sg = 0.0
+        sgx = 0.0
+        for blk in range(nb):
+            for j in range(c * B, (c + 1) * B):
+                sg += part_g[blk, j]
+                sgx += part_gx[blk, j]
+        sum_dy[c] = sg
+        sum_dy_xhat[c] = (sgx - (mean[c] - np.float64(mu[c * B])) * sg) * rstd[c]
+
+
+def batch_norm_backward_reduce(dy, x, mean, rstd, axis, y, out):
+    sum_dy, sum_dy_xhat = out
+    layout = ChannelLayout(x, axis)
+    A, C, B = layout.shape3
+    dy3, x3 = layout.input(dy), layout.input(x)
+    y3 = None if y is None else layout.input(y)
+    mean64, rstd64 = mean.astype(np.float64), rstd.astype(np.float64)
+    sdy, sdx = np.empty(C), np.empty(C)
+    if _channels_first(B, x.itemsize):
+        _batch_norm_bwd_reduce_channels(dy3, x3, y3, mean64, rstd64,
+                                        _channel_group(A, B, C, x.itemsize), sdy, sdx)
+    else:
+        rows, nb = _row_blocks(A)
+        K = C * B
+        _batch_norm_bwd_reduce_rows(dy3.reshape(A, K), x3.reshape(A, K),
+                                    None if y3 is None else y3.reshape(A, K), mean64, rstd64,
+                                    B, rows, sdy, sdx, np.empty((nb, K)), np.empty((nb, K)))
+    sum_dy[...] = sdy
+    sum_dy_xhat[...] = sdx
+
+
+@numba.njit(**PARALLEL_JIT)
+def _batch_norm_bwd_dx_channels(dy, x, y, mean, alpha, beta, gamma, G, dx):
+    A, C, B = x.shape
+    for grp in prange((C + G - 1) // G):
+        c0 = grp * G
+        c1 = min(C, c0 + G)
+        for a in range(A):
+            for c in range(c0, c1):
+                mu = mean[c]
+                al = alpha[c]
+                be = beta[c]
+                ga = gamma[c]
+                for j in range(B):
+                    g = _dz(dy, y, (a, c, j))
+                    dx[a, c, j] = g * al - (x[a, c, j] - mu) * be - ga
+
+
+@numba.njit(**PARALLEL_JIT)
+def _batch_norm_bwd_dx_rows(dy, x, y, mean, alpha, beta, gamma, B, rows_per_block, nb, dx):
+    M, K = x.shape  # K = C*B columns; column j belongs to channel j // B
+    # Per-column coefficients with mu, the mean in x's dtype; gamma takes up the
+    # rounding: (x - mean) * beta = (x - mu) * beta + (mu - mean) * beta.
+    mu = np.empty(K, x.dtype)
+    al = np.empty(K)
+    be = np.empty(K)
+    ga = np.empty(K)
+    for j in range(K):
+        c = j // B
+        mu[j] = mean[c]
+        al[j] = alpha[c]
+        be[j] = beta[c]
+        ga[j] = gamma[c] + (np.float64(mu[j]) - mean[c]) * beta[c]
+    for blk in prange(nb):
+        for i in range(blk * rows_per_block, min(M, (blk + 1) * rows_per_block)):
+            for j in range(K):
+                g = _dz(dy, y, (i, j))
+                dx[i, j] = g * al[j] - (x[i, j] - np.float64(mu[j])) * be[j] - ga[j]
+
+
+def batch_norm_backward_apply(dy, x, mean, rstd, weight, sum_dy, sum_dy_xhat, count, training,
+                              axis, y, out):
+    (dx,) = out
+    layout = ChannelLayout(x, axis)
+    A, C, B = layout.shape3
+    dy3, x3, dx3 = layout.input(dy), layout.input(x), layout.output(dx)
+    y3 = None if y is None else layout.input(y)
+    mean64, rstd64 = mean.astype(np.float64), rstd.astype(np.float64)
+    alpha = rstd64 * (1.0 if weight is None else weight.astype(np.float64))
+    if training:
+        inv_n = 1.0 / max(count, 1)
+        beta = alpha * rstd64 * sum_dy_xhat.astype(np.float64) * inv_n
+        gamma = alpha * sum_dy.astype(np.float64) * inv_n
+    else:
+        beta, gamma = np.zeros(C), np.zeros(C)
+    alpha = np.ascontiguousarray(np.broadcast_to(alpha, (C,)))
+    if _channels_first(B, x.itemsize):
+        _batch_norm_bwd_dx_channels(dy3, x3, y3, mean64, alpha, beta, gamma,
+                                    _channel_group(A, B, C, x.itemsize), dx3)
+    else:
+        rows, nb = _row_blocks(A)
+        K = C * B
+        _batch_norm_bwd_dx_rows(dy3.reshape(A, K), x3.reshape(A, K),
+                                None if y3 is None else y3.reshape(A, K), mean64, alpha, beta,
+                                gamma, B, rows, nb, dx3.reshape(A, K))
+    layout.finish(dx, dx3)

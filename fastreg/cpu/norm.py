@@ -246,5 +246,7 @@ def rms_norm_backward(dy, x, rstd, weight, normalized_ndim, out):
 
 # Batch and group norm live in their own files (channel layouts, more kernels);
 # this module is the family's single entry point, as reference/norm.py is.
-from ._batch_norm import batch_norm, batch_norm_backward  # noqa: E402,F401
+from ._batch_norm import (  # noqa: E402,F401
+    batch_norm, batch_norm_backward, batch_norm_backward_apply, batch_norm_backward_reduce,
+    batch_norm_combine, batch_norm_stats)
 from ._group_norm import group_norm, group_norm_backward  # noqa: E402,F401

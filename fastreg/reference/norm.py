@@ -196,3 +196,68 @@ def group_norm_backward(dy, x, mean, rstd, G, weight, axis, out):
         dweight[...] = (dyg * xhat).sum(axis=other).reshape(-1)
     if dbias is not None:
         dbias[...] = dyg.sum(axis=other).reshape(-1)
+
+
+# --------------------------------------------------------------------------- batch norm, split
+# The steps of a batch norm whose batch is spread over processes: local
+# partials, their merge, and the apply steps (fastreg.distributed). The
+# forward apply step is batch_norm above with training=False.
+
+def batch_norm_stats(x, axis, out):
+    count, mean_out, m2_out = out
+    C = x.shape[axis]
+    x3 = _channels(x, axis)
+    mean, var, n = _moments(x3, (0, 2))
+    count[...] = n
+    mean_out[...] = mean.reshape(C)
+    m2_out[...] = (var * n).reshape(C)
+
+
+def batch_norm_combine(counts, means, m2s, out):
+    """Chan et al.'s pairwise merge, one rank at a time in rank order; ranks
+    with count 0 are skipped (their mean and M2 are not looked at)."""
+    count, mean_out, var_out = out
+    counts, means, m2s = _f64(counts), _f64(means), _f64(m2s)
+    C = counts.shape[1]
+    n, mean, m2 = np.zeros(C), np.zeros(C), np.zeros(C)
+    for nb, mb, m2b in zip(counts, means, m2s):
+        take = nb > 0
+        tot = n + nb
+        frac = np.divide(nb, tot, out=np.zeros(C), where=take)
+        delta = np.where(take, mb - mean, 0.0)
+        mean = mean + delta * frac
+        m2 = m2 + np.where(take, m2b + delta * delta * n * frac, 0.0)
+        n = tot
+    count[...] = n
+    mean_out[...] = mean
+    var_out[...] = np.divide(m2, n, out=np.zeros(C), where=n > 0)
+
+
+def batch_norm_backward_reduce(dy, x, mean, rstd, axis, y, out):
+    sum_dy, sum_dy_xhat = out
+    C = x.shape[axis]
+    x3, dz = _channels(x, axis), _channels(dy, axis)
+    if y is not None:
+        dz = dz * (_channels(y, axis) > 0)
+    xhat = (x3 - _f64(mean).reshape(1, C, 1)) * _f64(rstd).reshape(1, C, 1)
+    sum_dy[...] = dz.sum(axis=(0, 2))
+    sum_dy_xhat[...] = (dz * xhat).sum(axis=(0, 2))
+
+
+def batch_norm_backward_apply(dy, x, mean, rstd, weight, sum_dy, sum_dy_xhat, count, training,
+                              axis, y, out):
+    (dx,) = out
+    C = x.shape[axis]
+    x3, dz = _channels(x, axis), _channels(dy, axis)
+    if y is not None:
+        dz = dz * (_channels(y, axis) > 0)
+    r = _f64(rstd).reshape(1, C, 1)
+    w = np.ones((1, C, 1)) if weight is None else _f64(weight).reshape(1, C, 1)
+    if training:
+        n = max(count, 1)
+        xhat = (x3 - _f64(mean).reshape(1, C, 1)) * r
+        dx3 = w * r * (dz - _f64(sum_dy).reshape(1, C, 1) / n
+                       - xhat * _f64(sum_dy_xhat).reshape(1, C, 1) / n)
+    else:
+        dx3 = dz * w * r
+    dx[...] = dx3.reshape(x.shape)
