@@ -608,8 +608,9 @@ def dropout_add_layer_norm(x, residual, weight, bias, p, *, rng=None, eps=1e-5, 
         "seed", 0 bytes) it records only the stream position ``(seed,
         offset)`` and the backward regenerates the mask from it; with
         ``mask="bits"`` it also keeps 1 bit per element, and the backward
-        reads the bits instead of running Philox again (faster: Philox costs
-        more than reading n/8 bytes). Unpack as ``y, s, mean, rstd, mask = ...``.
+        reads the bits instead of running Philox again (on the 2-core test
+        machine both backwards take the same time: the memory traffic bounds
+        them). Unpack as ``y, s, mean, rstd, mask = ...``.
 
     Parameters
     ----------

@@ -559,10 +559,22 @@ def _dropout_add_ln_fwd(x, res, w, b, k0, k1, offset, threshold, scale, eps, row
 
 @numba.njit(**_SERIAL)
 def _keep_factors_from_bits(bits, e0, scale, kf):
-    """kf[j] = scale if bit e0 + j of the mask bits is set, else 0."""
-    for j in range(kf.size):
+    """kf[j] = scale if bit e0 + j of the mask bits is set, else 0: the bits up to
+    the first word boundary one by one, then 32 per word (a loop that vectorizes)."""
+    n = kf.size
+    head = min(n, (32 - e0 % 32) % 32)
+    for j in range(head):
         e = e0 + j
         kf[j] = scale if (bits[e >> 5] >> (e & 31)) & 1 else 0.0
+    words = bits[(e0 + head) // 32:]
+    body = kf[head:]
+    full = (n - head) // 32
+    for q in range(full):
+        word = words[q]
+        for t in range(32):
+            body[32 * q + t] = scale if (word >> t) & 1 else 0.0
+    for j in range(32 * full, n - head):
+        body[j] = scale if (words[j >> 5] >> (j & 31)) & 1 else 0.0
 
 
 @numba.njit(**_PARALLEL_REDUCING)
