@@ -340,9 +340,9 @@ def build(spec, torch=None, seed=0):
 def mask_memory_lines():
     """Bytes of mask kept per element, fastreg against PyTorch."""
     return ["mask memory per element: fastreg mask=\"bits\" 1 bit (0.125 B, n/8 rounded up to "
-            "4 B), mask=\"seed\" 0 B (regenerated), dropout_add_layer_norm the same (its mask=), DropConnect 0 B; "
-            "PyTorch native_dropout 1 B (bool mask), F.dropout's CPU autograd keeps a float "
-            "mask of x's dtype (4 B for float32)"]
+            "4 B), mask=\"seed\" 0 B (regenerated; dropout_add_layer_norm has the same choice), "
+            "DropConnect 0 B; PyTorch native_dropout 1 B (bool mask), F.dropout's CPU autograd "
+            "keeps a float mask of x's dtype (4 B for float32)"]
 
 
 def summary(rows):
