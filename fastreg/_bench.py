@@ -87,7 +87,7 @@ TORCH_TOLERANCE = (1e-3, 1e-3)  # sanity check of the torch peer (float32 accumu
 #   DTYPES         the dtype names its CPU kernels run
 #   build(spec, torch=None, seed=0) -> {direction: Case}
 #   summary(rows)  -> lines of notes under the table (may return [])
-FAMILIES = ("norm", "prox")
+FAMILIES = ("norm", "dropout", "prox")
 
 
 def families():
