@@ -90,7 +90,7 @@ def select(family, *arrays, backend=None, caller="fastreg"):
     name = backend or _forced.get() or os.environ.get("FASTREG_BACKEND") or _DEFAULT_FOR_KIND[kind]
     _check_name(name, caller)
     if _KIND_OF_BACKEND[name] != kind:
-        raise TypeError(f"{caller}: backend {name!r} runs {_KIND_OF_BACKEND[name]} arrays, "
+        raise TypeError(f"{caller}: 'backend' {name!r} runs {_KIND_OF_BACKEND[name]} arrays, "
                         f"got {kind} arrays.")
     module = importlib.import_module(f"{_REGISTRY[name]}.{family}")
     if caller in getattr(module, "UNSUPPORTED", ()):

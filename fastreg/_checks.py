@@ -79,6 +79,15 @@ def floating_like(name, a, *, caller, shape, dtypes, writeable=False):
     return a
 
 
+def _same_library(caller, label, o, kinds):
+    """An output must live where the inputs do: a NumPy buffer cannot receive a GPU
+    kernel's result, nor a CuPy buffer a CPU kernel's."""
+    kind = _backend.array_kind(o)
+    if kinds and kind not in kinds:
+        _fail(TypeError, caller, label, f"a {' or '.join(sorted(kinds))} array like the inputs",
+              f"a {kind} array")
+
+
 def _writeable(a):
     flags = getattr(a, "flags", None)
     return True if flags is None else bool(getattr(flags, "writeable", True))
@@ -153,6 +162,7 @@ def out(caller, out_arg, specs, inputs):
     n = len(specs)
     if out_arg is None:
         out_arg = (None,) * n
+    kinds = {_backend.array_kind(a) for a in inputs.values()} - {None}
     if not isinstance(out_arg, (tuple, list)) or len(out_arg) != n:
         _fail(TypeError, caller, "out", f"a tuple of {n} arrays or None",
               type(out_arg).__name__ if not isinstance(out_arg, (tuple, list))
@@ -171,6 +181,7 @@ def out(caller, out_arg, specs, inputs):
             continue
         if _backend.array_kind(o) is None:
             _fail(TypeError, caller, label, "an array or None", type(o).__name__)
+        _same_library(caller, label, o, kinds)
         if tuple(o.shape) != tuple(shape):
             _fail(ValueError, caller, label, f"an array of shape {tuple(shape)}", f"shape {o.shape}")
         if o.dtype != dtype:
@@ -275,6 +286,7 @@ def inplace_out(caller, out_arg, x, *, name, inputs):
         return _backend.empty(x.shape, x.dtype, like=x, inputs={name: x})
     if _backend.array_kind(out_arg) is None:
         _fail(TypeError, caller, "out", "an array or None", type(out_arg).__name__)
+    _same_library(caller, "out", out_arg, {_backend.array_kind(x)})
     if tuple(out_arg.shape) != tuple(x.shape):
         _fail(ValueError, caller, "out", f"an array of shape {tuple(x.shape)}",
               f"shape {out_arg.shape}")

@@ -315,6 +315,8 @@ def _check_tensors(caller, backend, ws, listed, state, written):
     if _backend.array_kind(ws[0]) is None or \
             not all(type(a) is kind for col in arrays for a in col):   # attribute reads each
         for i, w in enumerate(ws):             # mixed or not arrays: the generic checks
+            if _backend.array_kind(w) is None:
+                _checks.array(label("w", i), w, caller=caller, dtypes=())
             _checks.same_kind(caller, **{label("w", i): w},
                               **{label(k, i): v[i] for k, v in columns})
             _backend.dtypes("prox", w, *(v[i] for _, v in columns), backend=backend,

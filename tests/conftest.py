@@ -23,3 +23,19 @@ def poisoned(a):
     out = np.empty_like(a)
     out[...] = np.nan
     return out
+
+
+# --------------------------------------------------------------------------- hypothesis profiles
+# "ci" (the default): few examples, derandomized, so a CI run is quick and
+# repeatable; "long" for runs by hand: FASTREG_HYPOTHESIS_PROFILE=long pytest tests/test_prop*
+try:
+    from hypothesis import HealthCheck, settings
+except ImportError:  # hypothesis is a test extra; the property tests import it themselves
+    pass
+else:
+    _SLOW_OK = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much]
+    settings.register_profile("ci", max_examples=12, deadline=None, derandomize=True,
+                              database=None, print_blob=True, suppress_health_check=_SLOW_OK)
+    settings.register_profile("long", max_examples=400, deadline=None, print_blob=True,
+                              suppress_health_check=_SLOW_OK)
+    settings.load_profile(os.environ.get("FASTREG_HYPOTHESIS_PROFILE", "ci"))

@@ -115,7 +115,7 @@ def test_mixed_libraries_raise_type_error(x):
 
 
 def test_reference_backend_rejects_cupy_arrays():
-    with pytest.raises(TypeError, match="backend 'reference' runs numpy arrays"):
+    with pytest.raises(TypeError, match="'backend' 'reference' runs numpy arrays"):
         fastreg.layer_norm(_FakeCupyArray(), backend="reference")
 
 
