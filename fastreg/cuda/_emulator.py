@@ -52,6 +52,10 @@ class EmulatorError(RuntimeError):
     """A kernel misbehaved under the emulation (deadlock, divergent collective, bad launch)."""
 
 
+class EmulatorBuildError(RuntimeError):
+    """The C++ compiler rejected a module's host-emulation source."""
+
+
 def compiler():
     """The C++ compiler used (``$CXX`` or g++), or None."""
     return shutil.which(os.environ.get("CXX", "g++"))
@@ -91,7 +95,7 @@ def build(source: str, name: str = "module") -> pathlib.Path:
             proc = subprocess.run([cxx, *FLAGS, str(cpp), "-o", str(so)], capture_output=True,
                                   text=True)
             if proc.returncode != 0:
-                raise RuntimeError(f"compiling the host emulation of {name} failed:\n"
+                raise EmulatorBuildError(f"compiling the host emulation of {name} failed:\n"
                                    f"{proc.stderr[-8000:]}")
             os.replace(so, path)  # atomic: concurrent builders race harmlessly
     return path
