@@ -1,7 +1,7 @@
 """fastreg: fused compiled kernels for normalization and regularization layers."""
 
 from . import random
-from ._backend import use_backend
+from ._backend import CompileError, use_backend
 from .dropout import (
     DropConnectMask,
     DropoutMask,
@@ -50,7 +50,7 @@ from .prox import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "use_backend",
+    "use_backend", "CompileError",
     "layer_norm", "layer_norm_backward",
     "rms_norm", "rms_norm_backward",
     "batch_norm", "batch_norm_backward",

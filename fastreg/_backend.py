@@ -22,6 +22,7 @@ import contextlib
 import contextvars
 import importlib
 import os
+import threading
 
 import numpy as np
 
@@ -97,7 +98,119 @@ def select(family, *arrays, backend=None, caller="fastreg"):
         raise RuntimeError(f"{caller}: the {name!r} backend does not implement {caller} in this "
                            "version of fastreg; use NumPy arrays with backend 'cpu' or "
                            "'reference'.")
-    return module
+    return _Guarded(module, name, caller)
+
+
+# --------------------------------------------------------------------------- guarded calls
+
+class CompileError(RuntimeError):
+    """A kernel failed to compile on its first call (the cause is chained)."""
+
+
+# Exceptions raised by a failed first-call compilation: Numba's (TypingError,
+# LoweringError, ... all derive from NumbaError), the host emulation's build, and
+# CuPy's NVRTC (cupy.cuda.compiler.CompileException). Matched by class name along
+# the MRO, so that neither Numba nor CuPy is imported here.
+_COMPILE_ERRORS = {"NumbaError", "EmulatorBuildError", "CompileException"}
+
+
+def _is_compile_error(exc):
+    return any(c.__name__ in _COMPILE_ERRORS for c in type(exc).__mro__)
+
+
+def _dtype_of(args):
+    """The dtype of the first array among a kernel call's arguments (lists searched)."""
+    for a in args:
+        if isinstance(a, (list, tuple)):
+            found = _dtype_of(a)
+            if found is not None:
+                return found
+        elif array_kind(a) is not None:
+            return np.dtype(a.dtype).name
+    return None
+
+
+_cpu_lock = None  # None: not decided yet; False: no lock needed; else the lock
+
+
+def _cpu_serializer():
+    """A lock around the CPU kernels when Numba's threading layer is 'workqueue'.
+
+    That layer is not thread-safe: parallel kernels launched from two Python
+    threads at once make Numba terminate the process. OpenMP and TBB are
+    thread-safe, and then no lock is taken. The layer is fixed at the first
+    parallel launch; deciding it here launches Numba's threads early (the first
+    kernel would do it anyway).
+    """
+    global _cpu_lock
+    if _cpu_lock is None:
+        import numba
+        try:
+            from numba.np.ufunc import parallel
+            parallel._launch_threads()
+            layer = numba.threading_layer()
+        except Exception:  # noqa: BLE001 - private API moved: go by the configuration
+            layer = numba.config.THREADING_LAYER
+        _cpu_lock = threading.RLock() if layer == "workqueue" else False
+    return _cpu_lock or None
+
+
+# (module, function, backend, caller) -> (function, its guarded wrapper): built once,
+# so that a dispatch costs a dictionary look-up rather than a closure per call
+_wrapped = {}
+
+
+def _guard(value, module_name, attr, backend, caller):
+    lock = _cpu_serializer() if backend == "cpu" else None
+
+    def call(*args, **kwargs):
+        try:
+            if lock is None:
+                return value(*args, **kwargs)
+            with lock:
+                return value(*args, **kwargs)
+        except Exception as exc:
+            if not _is_compile_error(exc):
+                raise
+            dtype = _dtype_of(args) or "its"
+            lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+            first = next((ln for ln in lines if "error" in ln.lower()), lines[0] if lines
+                         else "")
+            raise CompileError(
+                f"{caller}: compiling the {backend!r} kernels of {module_name}.{attr} "
+                f"for {dtype} input failed ({type(exc).__name__}: {first})") from exc
+    call.__name__ = attr
+    return call
+
+
+class _Guarded:
+    """A backend module whose functions report compile failures as :class:`CompileError`
+    naming the public function, the backend and the dtype, and whose CPU kernels are
+    serialized where Numba's threading layer requires it."""
+
+    __slots__ = ("_module", "_backend", "_caller")
+
+    def __init__(self, module, backend, caller):
+        self._module, self._backend, self._caller = module, backend, caller
+
+    @property
+    def __name__(self):
+        return self._module.__name__
+
+    def __getattr__(self, attr):
+        value = getattr(self._module, attr)
+        if not callable(value) or isinstance(value, type):
+            return value
+        key = (self._module.__name__, attr, self._backend, self._caller)
+        hit = _wrapped.get(key)
+        if hit is not None and hit[0] is value:  # a replaced function is wrapped anew
+            return hit[1]
+        call = _guard(value, self._module.__name__, attr, self._backend, self._caller)
+        _wrapped[key] = (value, call)
+        return call
+
+    def __repr__(self):
+        return f"<{self._module.__name__} as run by {self._caller} on {self._backend!r}>"
 
 
 def dtypes(family, *arrays, backend=None, caller="fastreg"):
