@@ -66,6 +66,12 @@ def poisoned(shape, dtype):
     return a
 
 
+def _aux(dtype):
+    """Where a builder runs the forward whose saved statistics or mask it needs: the
+    reference for the CPU dtypes, the emulated CUDA kernels for 16-bit ones."""
+    return "reference" if np.dtype(dtype) in (np.float32, np.float64) else "cuda_emulator"
+
+
 def _stat(dtype):
     return np.float64 if np.dtype(dtype) == np.float64 else np.float32
 
@@ -103,7 +109,7 @@ def _ln(rng, dt, big):
 
 def _ln_bwd(rng, dt, big):
     f = _ln(rng, dt, big)
-    _, m, r = fastreg.layer_norm(f["x"], f["weight"], f["bias"], backend="reference")
+    _, m, r = fastreg.layer_norm(f["x"], f["weight"], f["bias"], backend=_aux(dt))
     x = f["x"]
     D = x.shape[-1]
     return dict(dy=_f(rng, x.shape, dt), x=x, mean=m, rstd=r, weight=f["weight"],
@@ -119,7 +125,7 @@ def _rms(rng, dt, big):
 
 def _rms_bwd(rng, dt, big):
     f = _rms(rng, dt, big)
-    _, r = fastreg.rms_norm(f["x"], f["weight"], backend="reference")
+    _, r = fastreg.rms_norm(f["x"], f["weight"], backend=_aux(dt))
     x = f["x"]
     return dict(dy=_f(rng, x.shape, dt), x=x, rstd=r, weight=f["weight"], normalized_ndim=1,
                 out=(poisoned(x.shape, dt), poisoned(x.shape[-1], dt)))
@@ -137,7 +143,7 @@ def _bn(rng, dt, big):
 def _bn_bwd(rng, dt, big):
     f = _bn(rng, dt, big)
     y, m, r = fastreg.batch_norm(f["x"], f["weight"], f["bias"], activation="relu",
-                                 backend="reference")
+                                 backend=_aux(dt))
     x, C = f["x"], f["x"].shape[1]
     return dict(dy=_f(rng, x.shape, dt), x=x, mean=m, rstd=r, weight=f["weight"],
                 bias=f["bias"], training=True, axis=1, y=y, activation="relu",
@@ -195,7 +201,7 @@ def _gn(rng, dt, big):
 
 def _gn_bwd(rng, dt, big):
     f = _gn(rng, dt, big)
-    _, m, r = fastreg.group_norm(f["x"], 3, f["weight"], f["bias"], backend="reference")
+    _, m, r = fastreg.group_norm(f["x"], 3, f["weight"], f["bias"], backend=_aux(dt))
     x, C = f["x"], f["x"].shape[1]
     return dict(dy=_f(rng, x.shape, dt), x=x, mean=m, rstd=r, num_groups=3,
                 weight=f["weight"], bias=f["bias"], axis=1,
@@ -213,7 +219,7 @@ def _in(rng, dt, big):
 
 def _in_bwd(rng, dt, big):
     f = _in(rng, dt, big)
-    _, m, r = fastreg.instance_norm(f["x"], f["weight"], f["bias"], backend="reference")
+    _, m, r = fastreg.instance_norm(f["x"], f["weight"], f["bias"], backend=_aux(dt))
     x, C = f["x"], f["x"].shape[1]
     return dict(dy=_f(rng, x.shape, dt), x=x, mean=m, rstd=r, weight=f["weight"],
                 bias=f["bias"], use_input_stats=True, axis=1,
@@ -231,7 +237,7 @@ def _sync_bn(rng, dt, big):
 
 def _sync_bn_bwd(rng, dt, big):
     f = _bn(rng, dt, big)
-    with fastreg.use_backend("reference"):
+    with fastreg.use_backend(_aux(dt)):
         y, m, r, n = fastreg.distributed.sync_batch_norm(f["x"], f["weight"], f["bias"],
                                                          comm=LocalComm(), activation="relu")
     x, C = f["x"], f["x"].shape[1]
@@ -322,7 +328,7 @@ def _dropout(rng, dt, big):
 
 def _dropout_bwd(rng, dt, big):
     f = _dropout(rng, dt, big)
-    _, mask = fastreg.dropout(f["x"], 0.3, rng=SEED, backend="reference")
+    _, mask = fastreg.dropout(f["x"], 0.3, rng=SEED, backend=_aux(dt))
     return dict(dy=_f(rng, f["x"].shape, dt), mask=mask, out=poisoned(f["x"].shape, dt))
 
 
@@ -338,7 +344,7 @@ def _gdrop(rng, dt, big):
 
 def _gdrop_bwd(rng, dt, big):
     x = _dropout(rng, dt, big)["x"]
-    _, mask = fastreg.gaussian_dropout(x, 0.3, rng=SEED, backend="reference")
+    _, mask = fastreg.gaussian_dropout(x, 0.3, rng=SEED, backend=_aux(dt))
     return dict(dy=_f(rng, x.shape, dt), mask=mask, out=poisoned(x.shape, dt))
 
 
@@ -356,7 +362,7 @@ def _dc(rng, dt, big):
 def _dc_bwd(rng, dt, big):
     x, w, b = _linear(rng, dt, big)
     _, mask = fastreg.drop_connect(x, w, b, 0.3, rng=SEED, per_example=True,
-                                   backend="reference")
+                                   backend=_aux(dt))
     return dict(dy=_f(rng, (x.shape[0], w.shape[0]), dt), x=x, weight=w, mask=mask,
                 out=(poisoned(x.shape, dt), poisoned(w.shape, dt), poisoned(w.shape[0], dt)))
 
@@ -381,7 +387,7 @@ def _dal_bwd(rng, dt, big):
     f = _dal(rng, dt, big)
     _, s, m, r, mask = fastreg.dropout_add_layer_norm(
         f["x"], f["residual"], f["weight"], f["bias"], 0.3, rng=SEED, mask="bits",
-        backend="reference")
+        backend=_aux(dt))
     x, D = f["x"], f["x"].shape[1]
     return dict(dy=_f(rng, x.shape, dt), residual_sum=s, mean=m, rstd=r, weight=f["weight"],
                 bias=f["bias"], mask=mask, dresidual_sum=_f(rng, x.shape, dt), normalized_ndim=1,
