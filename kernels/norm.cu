@@ -16,11 +16,14 @@
 //   registers, so D <= R * K * N. Slot (k, i) is column (k*R + t)*N + i when
 //   the rows are 16-byte aligned (vec = 1: 16-byte loads and stores), else
 //   (k*N + i)*R + t (scalar loads, still coalesced). The row is read from
-//   memory once: the mean is reduced first, then the centred sum of squares
-//   from the registers (exact two-pass; x^2 is formed in A, never in half).
+//   memory once: the mean is reduced first, then the centred sums of x - mean
+//   and its square from the registers (corrected two-pass: the first sum
+//   recovers the rounding of the mean, so y keeps A's accuracy at any offset;
+//   x^2 is formed in A, never in half).
 // - loop path (D beyond the registers): one row per block, the row walked in
-//   tiles of blockDim * N; per thread a Chan/Welford state merged tile by
-//   tile, then a second walk writes y (x read twice; the second read hits
+//   tiles of blockDim * N; per thread a Chan/Welford state of x - x[row, 0]
+//   (shifted: the mean's rounding stays small beside the spread) merged tile
+//   by tile, then a second walk writes y (x read twice; the second read hits
 //   L2 while the rows in flight fit in it: ~0.5k rows of 512 threads on an
 //   H100, so up to D ~ 16k fp32).
 // - backward, register path: a grid of G blocks (G fixed by the shapes) walks
@@ -132,7 +135,7 @@ __device__ __forceinline__ void row_norm_fwd(const T* __restrict__ x, const T* _
                                              int D, typename Acc<T>::type eps, int R) {
   typedef typename Acc<T>::type A;
   const int N = Vec<T>::N;
-  __shared__ A scratch[2][32];
+  __shared__ A scratch[3 * 32];
   const int t = threadIdx.x & (R - 1);
   const long long row = (long long)blockIdx.x * (blockDim.x / R) + threadIdx.x / R;
   const bool active = row < M;
@@ -142,29 +145,43 @@ __device__ __forceinline__ void row_norm_fwd(const T* __restrict__ x, const T* _
   A v[K][N];
   load_row<VEC>(x + base, D, R, t, active, v);
 
-  A mu = A(0);
-  A q[1] = {A(0)};
+  // LN: mu is the mean rounded to A, off by up to half an ulp of the mean: at a
+  // mean of 1e6 and std 1 in float32 that is 0.03 in y. The centred sums
+  // q = {sum (x - mu), sum (x - mu)^2} recover it (corrected two-pass):
+  // dm = q0 / n, var = q1 / n - dm^2, y = ((x - mu) - dm) * r.
+  A mu = A(0), dm = A(0), var;
+  A q[2] = {A(0), A(0)};
   if (!RMS) {
     A s[1] = {A(0)};
 #pragma unroll
     for (int k = 0; k < K; ++k)
 #pragma unroll
       for (int i = 0; i < N; ++i) s[0] += v[k][i];
-    group_sum(s, R, scratch[0]);
+    group_sum(s, R, scratch);
     mu = s[0] / n;
 #pragma unroll
     for (int k = 0; k < K; ++k)
 #pragma unroll
       for (int i = 0; i < N; ++i)
-        if (slot_in<VEC>(k, i, R, t, N, D)) q[0] += (v[k][i] - mu) * (v[k][i] - mu);
+        if (slot_in<VEC>(k, i, R, t, N, D)) {
+          const A c = v[k][i] - mu;
+          q[0] += c;
+          q[1] += c * c;
+        }
+    group_sum(q, R, scratch + 32);
+    dm = q[0] / n;
+    var = q[1] / n - dm * dm;
+    var = var > A(0) ? var : A(0);
   } else {
+    A s[1] = {A(0)};
 #pragma unroll
     for (int k = 0; k < K; ++k)
 #pragma unroll
-      for (int i = 0; i < N; ++i) q[0] += v[k][i] * v[k][i];
+      for (int i = 0; i < N; ++i) s[0] += v[k][i] * v[k][i];
+    group_sum(s, R, scratch);
+    var = s[0] / n;
   }
-  group_sum(q, R, scratch[1]);
-  const A r = rsqrt_acc(q[0] / n + eps);
+  const A r = rsqrt_acc(var + eps);
 
 #pragma unroll
   for (int k = 0; k < K; ++k) {
@@ -177,12 +194,12 @@ __device__ __forceinline__ void row_norm_fwd(const T* __restrict__ x, const T* _
       A bv[N];
       load_param<VEC>(b, k, D, R, t, A(0), bv);
 #pragma unroll
-      for (int i = 0; i < N; ++i) v[k][i] = (v[k][i] - mu) * r * wv[i] + bv[i];
+      for (int i = 0; i < N; ++i) v[k][i] = ((v[k][i] - mu) - dm) * r * wv[i] + bv[i];
     }
     store_slot<VEC>(y + base, k, D, R, t, active, v[k]);
   }
   if (active && t == 0) {
-    if (!RMS) mean[row] = mu;
+    if (!RMS) mean[row] = mu + dm;
     rstd[row] = r;
   }
 }
@@ -207,6 +224,11 @@ __device__ __forceinline__ void row_norm_fwd_loop(const T* __restrict__ x, const
   T* yr = y + row * D;
   const A n = A(D > 0 ? D : 1);
 
+  // LN: the statistics of x - shift, shift = the row's first element: a mean
+  // reduced in A is off by up to half an ulp of itself (0.03 at a mean of 1e6 in
+  // float32), which y = (x - mean) * r would carry; near the data, x - shift is
+  // exact (Sterbenz) and the shifted mean is small, so y keeps float32 accuracy.
+  const A shift = (!RMS && D > 0) ? to_acc(xr[0]) : A(0);
   Welford<A> st = {A(0), A(0), A(0)};
   A ss = A(0);
   for (int base = 0; base < D; base += R * N) {
@@ -222,6 +244,7 @@ __device__ __forceinline__ void row_norm_fwd_loop(const T* __restrict__ x, const
       for (int i = 0; i < N; ++i)
         if (slot_in<VEC>(0, i, R, t, N, D - base)) {
           c.n += A(1);
+          v[0][i] -= shift;
           s += v[0][i];
         }
       if (c.n > A(0)) {
@@ -252,11 +275,11 @@ __device__ __forceinline__ void row_norm_fwd_loop(const T* __restrict__ x, const
     load_param<VEC>(b == nullptr ? b : b + base, 0, D - base, R, t, A(0), bv);
 #pragma unroll
     for (int i = 0; i < N; ++i)
-      v[0][i] = RMS ? v[0][i] * r * wv[i] : (v[0][i] - mu) * r * wv[i] + bv[i];
+      v[0][i] = RMS ? v[0][i] * r * wv[i] : ((v[0][i] - shift) - mu) * r * wv[i] + bv[i];
     store_row<VEC>(yr + base, D - base, R, t, true, v);
   }
   if (t == 0) {
-    if (!RMS) mean[row] = mu;
+    if (!RMS) mean[row] = shift + mu;
     rstd[row] = r;
   }
 }
