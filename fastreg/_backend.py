@@ -22,6 +22,7 @@ import contextlib
 import contextvars
 import importlib
 import os
+import re
 import threading
 
 import numpy as np
@@ -130,6 +131,14 @@ def _dtype_of(args):
     return None
 
 
+def _summary(exc, limit=300):
+    """The compiler's first error line (else its first two lines), without colour codes."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    first = next((ln for ln in lines if "error" in ln.lower()), "; ".join(lines[:2]))
+    return first[:limit]
+
+
 _cpu_lock = None  # None: not decided yet; False: no lock needed; else the lock
 
 
@@ -173,12 +182,9 @@ def _guard(value, module_name, attr, backend, caller):
             if not _is_compile_error(exc):
                 raise
             dtype = _dtype_of(args) or "its"
-            lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-            first = next((ln for ln in lines if "error" in ln.lower()), lines[0] if lines
-                         else "")
             raise CompileError(
                 f"{caller}: compiling the {backend!r} kernels of {module_name}.{attr} "
-                f"for {dtype} input failed ({type(exc).__name__}: {first})") from exc
+                f"for {dtype} input failed ({type(exc).__name__}: {_summary(exc)})") from exc
     call.__name__ = attr
     return call
 
