@@ -113,12 +113,17 @@ def _masked_weight(weight, seed, offset, threshold, scale):
     return wm
 
 
+def _lead(x):
+    """Rows of an (..., features) array: explicit, since reshape(-1, 0) is ambiguous."""
+    return math.prod(x.shape[:-1])
+
+
 def drop_connect(x, weight, bias, seed, offset, threshold, scale, per_example, out):
     (y,) = out
     O, K = weight.shape
-    x2 = contiguous(x).reshape(-1, K)
+    x2 = contiguous(x).reshape(_lead(x), K)
     yt = target(y)
-    y2 = yt.reshape(-1, O)
+    y2 = yt.reshape(_lead(x), O)
     if per_example:
         _drop_connect_fwd_examples(x2, contiguous(weight), param(bias, O, x.dtype, 0.0),
                                    *stream_args(seed, offset), np.uint64(threshold),
@@ -133,10 +138,10 @@ def drop_connect(x, weight, bias, seed, offset, threshold, scale, per_example, o
 def drop_connect_backward(dy, x, weight, seed, offset, threshold, scale, per_example, out):
     dx, dweight, dbias = out
     O, K = weight.shape
-    x2 = contiguous(x).reshape(-1, K)
-    dy2 = contiguous(dy).reshape(-1, O)
+    x2 = contiguous(x).reshape(_lead(x), K)
+    dy2 = contiguous(dy).reshape(_lead(x), O)
     dxt, dwt = target(dx), target(dweight)
-    dx2 = dxt.reshape(-1, K)
+    dx2 = dxt.reshape(_lead(x), K)
     if per_example:
         args = (*stream_args(seed, offset), np.uint64(threshold), float(scale))
         _drop_connect_bwd_dx_examples(dy2, contiguous(weight), *args, dx2)
@@ -154,7 +159,7 @@ def drop_connect_inference(x, weight, bias, seed, offset, mean_scale, var_scale,
                            n_samples, out):
     (y,) = out
     O, K = weight.shape
-    x2 = contiguous(x).reshape(-1, K).astype(np.float64)
+    x2 = contiguous(x).reshape(_lead(x), K).astype(np.float64)
     w = weight.astype(np.float64)
     mean = x2 @ w.T
     mean *= mean_scale

@@ -10,6 +10,8 @@ Noise is formed in float64 and the result rounded once. Everything with a
 reduction (layer norm, DropConnect, moment matching) is float64 throughout.
 """
 
+import math
+
 import numpy as np
 
 from . import norm as _norm
@@ -100,10 +102,15 @@ def _bias64(bias, n):
     return np.zeros(n) if bias is None else bias.astype(np.float64)
 
 
+def _lead(x):
+    """Rows of an (..., features) array: explicit, since reshape(-1, 0) is ambiguous."""
+    return math.prod(x.shape[:-1])
+
+
 def drop_connect(x, weight, bias, seed, offset, threshold, scale, per_example, out):
     (y,) = out
     O, K = weight.shape
-    x2 = x.astype(np.float64).reshape(-1, K)
+    x2 = x.astype(np.float64).reshape(_lead(x), K)
     if per_example:
         wm = _masked_weights(weight, seed, offset, threshold, scale, (x2.shape[0],))
         y2 = np.einsum("noi,ni->no", wm, x2)        # N masked matrices, one per sample
@@ -116,8 +123,8 @@ def drop_connect(x, weight, bias, seed, offset, threshold, scale, per_example, o
 def drop_connect_backward(dy, x, weight, seed, offset, threshold, scale, per_example, out):
     dx, dweight, dbias = out
     O, K = weight.shape
-    x2 = x.astype(np.float64).reshape(-1, K)
-    dy2 = dy.astype(np.float64).reshape(-1, O)
+    x2 = x.astype(np.float64).reshape(_lead(x), K)
+    dy2 = dy.astype(np.float64).reshape(_lead(x), O)
     if per_example:
         wm = _masked_weights(weight, seed, offset, threshold, scale, (x2.shape[0],))
         m = np.where(_keep(seed, offset, (x2.shape[0], O, K), threshold), scale, 0.0)
@@ -143,7 +150,7 @@ def drop_connect_inference(x, weight, bias, seed, offset, mean_scale, var_scale,
                            n_samples, out):
     (y,) = out
     O, K = weight.shape
-    x2 = x.astype(np.float64).reshape(-1, K)
+    x2 = x.astype(np.float64).reshape(_lead(x), K)
     w = weight.astype(np.float64)
     mean = mean_scale * (x2 @ w.T) + _bias64(bias, O)
     var = var_scale * ((x2 * x2) @ (w * w).T)
