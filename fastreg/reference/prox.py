@@ -158,7 +158,9 @@ def standardize(x, axis, eps, mean, std, out):
     x64 = _f64(x)
     if mean is None:
         n = int(np.prod([x.shape[k] for k in axis]))
-        m = x64.mean(axis=axis, keepdims=True) if n else np.zeros(_keep(0, x.shape, axis).shape)
+        # n == 0 (no features, or nothing to fit: validated before) gives empty statistics
+        m = x64.mean(axis=axis, keepdims=True) if n else \
+            np.zeros(tuple(1 if k in axis else d for k, d in enumerate(x.shape)))
         var = ((x64 - m) ** 2).mean(axis=axis, keepdims=True) if n else np.zeros_like(m)
         s = np.where(constant_features(var, m, n), 1.0, np.sqrt(var + eps))
         mean_out[...] = m.reshape(mean_out.shape)
