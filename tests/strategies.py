@@ -1,0 +1,456 @@
+"""Hypothesis strategies for every op family, shared by the CPU and the GPU tests.
+
+A strategy draws a ``Call``: one public function with keyword arguments of
+random shapes (0- and 1-sized dimensions included), layouts (contiguous,
+strided, transposed storage, reversed), dtypes (from the ``dtypes`` given:
+the CPU tests pass float32/float64, the GPU tests add float16/bfloat16),
+weights present or absent, and scalars at the edges of their ranges (eps
+tiny and large, momentum 0 and 1, p 0 and near 1, thresholds 0 and huge).
+Array values come from a NumPy generator seeded by hypothesis (fast, and
+shrinks to small seeds).
+
+``Call.run(backend)`` calls the function on its own deep copy of the
+arguments and returns the results and the arrays it updated in place;
+``compare(got, ref, ...)`` checks two runs against each other.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+from hypothesis import strategies as st
+
+import fastreg
+from _assert import assert_bitwise, assert_close, tol
+
+SEEDS = st.integers(0, 2**32 - 1)
+LAYOUTS = st.sampled_from(["contig", "strided", "transposed", "reversed"])
+SIZES = st.one_of(st.integers(0, 6), st.sampled_from([1, 7, 17, 33]))
+EPS = st.sampled_from([1e-12, 1e-6, 1e-5, 0.1, 1e3])
+MOMENTUM = st.sampled_from([0.0, 0.1, 1.0])
+P = st.sampled_from([0.0, 1e-7, 0.3, 0.5, 0.999])
+# norm forwards: y = x * (rstd * w) + (b - mean * rstd * w) is how the kernels apply
+# the statistics (one multiply-add per element); its rounding is eps * |x| * rstd * |w|,
+# beyond the tolerances where eps is tiny and a row nearly constant (rstd ~ 1e6)
+FOLDED = {"folded": True}
+
+
+@dataclass
+class Call:
+    name: str
+    fn: object
+    kwargs: dict
+    inplace: tuple = ()
+    bitwise: tuple = ()            # result indices compared bit for bit (masks, bits)
+    kind: str = "out"              # tolerance kind of the float results: "out" or "grad"
+    dtype: object = np.float32
+    extra: dict = field(default_factory=dict)
+
+    def run(self, backend):
+        kw = copy.deepcopy(self.kwargs)
+        res = self.fn(**kw, backend=backend)
+        return res, [kw[k] for k in self.inplace]
+
+    def __repr__(self):
+        def show(v):
+            if isinstance(v, np.ndarray):
+                return f"array{v.shape}:{v.dtype}:{'C' if v.flags.c_contiguous else v.strides}"
+            return repr(v)
+        return f"{self.name}({', '.join(f'{k}={show(v)}' for k, v in self.kwargs.items())})"
+
+
+def place(rng, shape, dtype, layout="contig", scale=1.0, offset=0.0):
+    """Random normal values of ``shape`` in the given storage layout."""
+    shape = tuple(shape)
+    if layout == "strided" and shape:
+        a = np.empty((*shape[:-1], 2 * shape[-1]), dtype)[..., ::2]
+    elif layout == "transposed" and len(shape) > 1:
+        a = np.empty(shape[::-1], dtype).T
+    elif layout == "reversed" and shape:
+        a = np.empty(shape, dtype)[..., ::-1]
+    else:
+        a = np.empty(shape, dtype)
+    a[...] = rng.standard_normal(shape) * scale + offset
+    return a
+
+
+def _shape(draw, min_ndim, max_ndim):
+    ndim = draw(st.integers(min_ndim, max_ndim))
+    return tuple(draw(st.lists(SIZES, min_size=ndim, max_size=ndim)))
+
+
+def _maybe(draw, rng, shape, dtype):
+    return place(rng, shape, dtype) if draw(st.booleans()) else None
+
+
+# --------------------------------------------------------------------------- norm
+
+@st.composite
+def row_norm_calls(draw, dtypes, backward=None):
+    """layer_norm / rms_norm and their backward (normalized_ndim, weight, bias, eps)."""
+    dtype = np.dtype(draw(st.sampled_from(dtypes)))
+    rng = np.random.default_rng(draw(SEEDS))
+    shape = _shape(draw, 1, 3)
+    k = draw(st.integers(1, len(shape)))
+    x = place(rng, shape, dtype, draw(LAYOUTS))
+    rms = draw(st.booleans())
+    w = _maybe(draw, rng, shape[len(shape) - k:], dtype)
+    b = None if rms else _maybe(draw, rng, shape[len(shape) - k:], dtype)
+    eps = draw(EPS)
+    if rms:
+        fwd = Call("rms_norm", fastreg.rms_norm, dict(x=x, weight=w, eps=eps, normalized_ndim=k),
+                   dtype=dtype, extra=FOLDED)
+    else:
+        fwd = Call("layer_norm", fastreg.layer_norm,
+                   dict(x=x, weight=w, bias=b, eps=eps, normalized_ndim=k), dtype=dtype,
+                   extra=FOLDED)
+    if not (draw(st.booleans()) if backward is None else backward):
+        return fwd
+    stats = fwd.run("reference")[0][1:]
+    dy = place(rng, shape, dtype, draw(LAYOUTS))
+    if rms:
+        return Call("rms_norm_backward", fastreg.rms_norm_backward,
+                    dict(dy=dy, x=x, rstd=stats[0], weight=w, normalized_ndim=k), kind="grad",
+                    dtype=dtype, extra=FOLDED)
+    return Call("layer_norm_backward", fastreg.layer_norm_backward,
+                dict(dy=dy, x=x, mean=stats[0], rstd=stats[1], weight=w, bias=b,
+                     normalized_ndim=k), kind="grad", dtype=dtype, extra=FOLDED)
+
+
+def _channel_x(draw, rng, dtype, C, min_spatial=0):
+    N = draw(SIZES)
+    spatial = _shape(draw, min_spatial, 2)
+    axis = draw(st.sampled_from([1, -1]))
+    shape = (N, C, *spatial) if axis == 1 else (N, *spatial, C)
+    return place(rng, shape, dtype, draw(LAYOUTS)), axis
+
+
+@st.composite
+def batch_norm_calls(draw, dtypes, backward=None):
+    dtype = np.dtype(draw(st.sampled_from(dtypes)))
+    rng = np.random.default_rng(draw(SEEDS))
+    C = draw(st.integers(1, 5))
+    x, axis = _channel_x(draw, rng, dtype, C)
+    training = draw(st.booleans())
+    running = (not training) or draw(st.booleans())
+    rm = rng.standard_normal(C).astype(np.float32) if running else None
+    rv = rng.uniform(0.5, 2.0, C).astype(np.float32) if running else None
+    activation = draw(st.sampled_from([None, "relu"]))
+    w, b = _maybe(draw, rng, (C,), dtype), _maybe(draw, rng, (C,), dtype)
+    kw = dict(x=x, weight=w, bias=b, running_mean=rm, running_var=rv, training=training,
+              momentum=draw(MOMENTUM), eps=draw(EPS), axis=axis, activation=activation)
+    fwd = Call("batch_norm", fastreg.batch_norm, kw,
+               inplace=("running_mean", "running_var") if running else (), dtype=dtype,
+               extra=FOLDED)
+    if not (draw(st.booleans()) if backward is None else backward):
+        return fwd
+    try:
+        y, mean, rstd = fwd.run("reference")[0]
+    except ValueError:      # e.g. no elements per channel in training: the forward's error
+        return fwd
+    return Call("batch_norm_backward", fastreg.batch_norm_backward,
+                dict(dy=place(rng, x.shape, dtype), x=x, mean=mean, rstd=rstd, weight=w,
+                     bias=b, training=training, axis=axis, activation=activation,
+                     y=y if activation else None), kind="grad", dtype=dtype, extra=FOLDED)
+
+
+@st.composite
+def group_norm_calls(draw, dtypes, backward=None):
+    dtype = np.dtype(draw(st.sampled_from(dtypes)))
+    rng = np.random.default_rng(draw(SEEDS))
+    G = draw(st.integers(1, 3))
+    C = G * draw(st.integers(1, 3))
+    x, axis = _channel_x(draw, rng, dtype, C)
+    w, b = _maybe(draw, rng, (C,), dtype), _maybe(draw, rng, (C,), dtype)
+    fwd = Call("group_norm", fastreg.group_norm,
+               dict(x=x, num_groups=G, weight=w, bias=b, eps=draw(EPS), axis=axis), dtype=dtype,
+               extra=FOLDED)
+    if not (draw(st.booleans()) if backward is None else backward):
+        return fwd
+    _, mean, rstd = fwd.run("reference")[0]
+    return Call("group_norm_backward", fastreg.group_norm_backward,
+                dict(dy=place(rng, x.shape, dtype), x=x, mean=mean, rstd=rstd, num_groups=G,
+                     weight=w, bias=b, axis=axis), kind="grad", dtype=dtype, extra=FOLDED)
+
+
+@st.composite
+def instance_norm_calls(draw, dtypes, backward=None):
+    dtype = np.dtype(draw(st.sampled_from(dtypes)))
+    rng = np.random.default_rng(draw(SEEDS))
+    C = draw(st.integers(1, 4))
+    x, axis = _channel_x(draw, rng, dtype, C, min_spatial=1)
+    use_input_stats = draw(st.booleans())
+    running = (not use_input_stats) or draw(st.booleans())
+    rm = rng.standard_normal(C).astype(np.float32) if running else None
+    rv = rng.uniform(0.5, 2.0, C).astype(np.float32) if running else None
+    w, b = _maybe(draw, rng, (C,), dtype), _maybe(draw, rng, (C,), dtype)
+    fwd = Call("instance_norm", fastreg.instance_norm,
+               dict(x=x, weight=w, bias=b, running_mean=rm, running_var=rv,
+                    use_input_stats=use_input_stats, momentum=draw(MOMENTUM), eps=draw(EPS),
+                    axis=axis),
+               inplace=("running_mean", "running_var") if running else (), dtype=dtype,
+               extra=FOLDED)
+    if not (draw(st.booleans()) if backward is None else backward):
+        return fwd
+    try:
+        _, mean, rstd = fwd.run("reference")[0]
+    except ValueError:
+        return fwd
+    return Call("instance_norm_backward", fastreg.instance_norm_backward,
+                dict(dy=place(rng, x.shape, dtype), x=x, mean=mean, rstd=rstd, weight=w, bias=b,
+                     use_input_stats=use_input_stats, axis=axis), kind="grad", dtype=dtype,
+                extra=FOLDED)
+
+
+def norm_calls(dtypes, backward=None):
+    return st.one_of(row_norm_calls(dtypes, backward), batch_norm_calls(dtypes, backward),
+                     group_norm_calls(dtypes, backward), instance_norm_calls(dtypes, backward))
+
+
+# --------------------------------------------------------------------------- dropout
+
+@st.composite
+def dropout_calls(draw, dtypes):
+    """dropout (both mask kinds), gaussian noise/dropout, their backward, DropConnect and
+    the fused dropout + add + LayerNorm, at p from 0 to near 1, training or not."""
+    dtype = np.dtype(draw(st.sampled_from(dtypes)))
+    rng = np.random.default_rng(draw(SEEDS))
+    seed = draw(st.integers(0, 2**64 - 1))
+    op = draw(st.sampled_from(["dropout", "dropout_backward", "gaussian_noise",
+                               "gaussian_dropout", "drop_connect", "dropout_add_layer_norm"]))
+    training = draw(st.booleans())
+    mode = draw(st.sampled_from(["inverted", "weight_scaling"]))
+    p = draw(P)
+    if op in ("dropout", "dropout_backward"):
+        x = place(rng, _shape(draw, 0, 3), dtype, draw(LAYOUTS))
+        kw = dict(x=x, p=p, rng=seed, training=training, mode=mode,
+                  mask=draw(st.sampled_from(["bits", "seed"])))
+        fwd = Call("dropout", fastreg.dropout, kw, bitwise=(0, 1), dtype=dtype)
+        if op == "dropout":
+            return fwd
+        _, mask = fwd.run("reference")[0]
+        return Call("dropout_backward", fastreg.dropout_backward,
+                    dict(dy=place(rng, x.shape, dtype, draw(LAYOUTS)), mask=mask),
+                    bitwise=(0,), dtype=dtype)
+    if op == "gaussian_noise":
+        x = place(rng, _shape(draw, 0, 3), dtype, draw(LAYOUTS))
+        return Call(op, fastreg.gaussian_noise,
+                    dict(x=x, std=draw(st.sampled_from([0.0, 1e-3, 1.0, 1e3])), rng=seed,
+                         training=training), dtype=dtype)
+    if op == "gaussian_dropout":
+        x = place(rng, _shape(draw, 0, 3), dtype, draw(LAYOUTS))
+        return Call(op, fastreg.gaussian_dropout, dict(x=x, p=p, rng=seed, training=training),
+                    dtype=dtype)
+    if op == "drop_connect":
+        N, K, O = draw(SIZES), draw(SIZES), draw(SIZES)
+        x = place(rng, (N, K), dtype, draw(LAYOUTS))
+        w = place(rng, (O, K), dtype, draw(LAYOUTS), scale=1 / math.sqrt(max(K, 1)))
+        return Call(op, fastreg.drop_connect,
+                    dict(x=x, weight=w, bias=_maybe(draw, rng, (O,), dtype), p=p, rng=seed,
+                         per_example=draw(st.booleans()), training=training, mode=mode),
+                    kind="grad", dtype=dtype)
+    shape = _shape(draw, 1, 3)
+    k = draw(st.integers(1, len(shape)))
+    x = place(rng, shape, dtype, draw(LAYOUTS))
+    return Call(op, fastreg.dropout_add_layer_norm,
+                dict(x=x, residual=place(rng, shape, dtype, draw(LAYOUTS)),
+                     weight=_maybe(draw, rng, shape[len(shape) - k:], dtype),
+                     bias=_maybe(draw, rng, shape[len(shape) - k:], dtype), p=p, rng=seed,
+                     eps=draw(EPS), training=training, mode=mode,
+                     mask=draw(st.sampled_from(["bits", "seed"])), normalized_ndim=k),
+                bitwise=(4,), dtype=dtype)
+
+
+# --------------------------------------------------------------------------- prox
+
+THRESHOLDS = st.sampled_from([0.0, 1e-6, 0.5, 3.0, 1e30])
+
+
+def _abs(a, plus=0.0):
+    """|a| + plus in place (a stays an array when 0-d)."""
+    np.abs(a, out=a)
+    a += plus
+    return a
+
+
+def _axes(draw, ndim):
+    if ndim == 0:
+        return ()
+    axes = draw(st.lists(st.integers(0, ndim - 1), min_size=1, max_size=ndim, unique=True))
+    return tuple(sorted(axes)) if len(axes) > 1 else axes[0]
+
+
+@st.composite
+def prox_calls(draw, dtypes):
+    """Elementwise and group proxes, max-norm, SGD/Adam/AdamW steps, label-smoothed
+    cross-entropy and the feature scalers, with scalars at their edges."""
+    dtype = np.dtype(draw(st.sampled_from(dtypes)))
+    rng = np.random.default_rng(draw(SEEDS))
+    op = draw(st.sampled_from(["prox_l1", "prox_elastic_net", "prox_group_l1", "max_norm",
+                               "sgd_step", "adam_step", "adamw_step",
+                               "cross_entropy_label_smoothing", "standardize",
+                               "min_max_scale"]))
+    if op in ("prox_l1", "prox_elastic_net"):
+        w = place(rng, _shape(draw, 0, 3), dtype, draw(LAYOUTS))
+        if op == "prox_l1":
+            return Call(op, fastreg.prox_l1, dict(w=w, threshold=draw(THRESHOLDS)), dtype=dtype)
+        return Call(op, fastreg.prox_elastic_net,
+                    dict(w=w, l1=draw(THRESHOLDS), l2=draw(THRESHOLDS)), dtype=dtype)
+    if op in ("prox_group_l1", "max_norm"):
+        shape = _shape(draw, 1, 3)
+        w = place(rng, shape, dtype, draw(LAYOUTS))
+        axis = _axes(draw, len(shape))
+        if op == "prox_group_l1":
+            return Call(op, fastreg.prox_group_l1,
+                        dict(w=w, threshold=draw(THRESHOLDS), axis=axis), dtype=dtype)
+        return Call(op, fastreg.max_norm,
+                    dict(w=w, max_value=draw(st.sampled_from([1e-6, 1.0, 1e30])), axis=axis,
+                         eps=draw(st.sampled_from([0.0, 1e-7]))), dtype=dtype)
+    if op == "sgd_step":
+        shape = _shape(draw, 0, 2)
+        momentum = draw(st.sampled_from([0.0, 0.9, 1.0]))
+        nesterov = momentum > 0 and draw(st.booleans())
+        kw = dict(w=place(rng, shape, dtype), g=place(rng, shape, dtype, draw(LAYOUTS)),
+                  lr=draw(st.sampled_from([0.0, 1e-3, 1.0])), momentum=momentum,
+                  dampening=0.0 if nesterov else draw(st.sampled_from([0.0, 0.5])),
+                  nesterov=nesterov, maximize=draw(st.booleans()),
+                  weight_decay=draw(st.sampled_from([0.0, 0.01])),
+                  decoupled_weight_decay=draw(st.sampled_from([0.0, 0.1])),
+                  l1=draw(st.sampled_from([0.0, 1e-3, 10.0])),
+                  momentum_buffer=place(rng, shape, dtype) if momentum else None,
+                  first_step=draw(st.booleans()))
+        return Call(op, fastreg.sgd_step, kw,
+                    inplace=("w", "momentum_buffer") if momentum else ("w",), kind="grad",
+                    dtype=dtype)
+    if op in ("adam_step", "adamw_step"):
+        shape = _shape(draw, 0, 2)
+        amsgrad = draw(st.booleans())
+        kw = dict(w=place(rng, shape, dtype), g=place(rng, shape, dtype, draw(LAYOUTS)),
+                  exp_avg=place(rng, shape, dtype, scale=0.1),
+                  exp_avg_sq=_abs(place(rng, shape, dtype)),
+                  step=draw(st.sampled_from([1, 2, 1000])),
+                  lr=draw(st.sampled_from([0.0, 1e-3, 1.0])),
+                  betas=draw(st.sampled_from([(0.9, 0.999), (0.0, 0.0), (0.5, 0.9999)])),
+                  eps=draw(st.sampled_from([1e-8, 0.0, 1.0])),
+                  weight_decay=draw(st.sampled_from([0.0, 0.01])), amsgrad=amsgrad,
+                  max_exp_avg_sq=_abs(place(rng, shape, dtype), 1.0) if amsgrad else None,
+                  l1=draw(st.sampled_from([0.0, 1e-3])), maximize=draw(st.booleans()))
+        names = ("w", "exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if amsgrad else ())
+        fn = fastreg.adam_step if op == "adam_step" else fastreg.adamw_step
+        return Call(op, fn, kw, inplace=names, kind="grad", dtype=dtype)
+    if op == "cross_entropy_label_smoothing":
+        N, K = draw(SIZES), draw(st.integers(1, 40))
+        logits = place(rng, (N, K), dtype, draw(LAYOUTS), scale=draw(st.sampled_from([1, 30])))
+        target = rng.integers(0, K, N)
+        ignore = draw(st.sampled_from([None, -100]))
+        if ignore is not None and N:
+            target[rng.random(N) < 0.3] = ignore
+        return Call(op, fastreg.cross_entropy_label_smoothing,
+                    dict(logits=logits, target=target,
+                         smoothing=draw(st.sampled_from([0.0, 0.1, 0.5, 1.0])),
+                         reduction=draw(st.sampled_from(["mean", "sum", "none"])),
+                         ignore_index=ignore, style=draw(st.sampled_from(["uniform", "others"]))),
+                    kind="grad", dtype=dtype)
+    shape = _shape(draw, 1, 3)
+    x = place(rng, shape, dtype, draw(LAYOUTS), scale=2.0, offset=3.0)
+    axis = _axes(draw, len(shape))
+    if op == "standardize":
+        return Call(op, fastreg.standardize,
+                    dict(x=x, axis=axis, eps=draw(st.sampled_from([0.0, 1e-6, 1.0]))),
+                    dtype=dtype)
+    lo = draw(st.sampled_from([-1.0, 0.0, 5.0]))
+    return Call(op, fastreg.min_max_scale,
+                dict(x=x, axis=axis, feature_range=(lo, lo + draw(st.sampled_from([1e-3, 1.0,
+                                                                                   7.0])))),
+                dtype=dtype)
+
+
+# --------------------------------------------------------------------------- comparison
+
+def flatten(value, out=None):
+    """Every array of a result (masks as their position and bits), in order."""
+    out = [] if out is None else out
+    if value is None or isinstance(value, np.ndarray):
+        out.append(value)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            flatten(v, out)
+    elif isinstance(value, (fastreg.DropoutMask, fastreg.GaussianMask)):
+        out.append(np.array([value.seed or 0, value.offset or 0], np.uint64))
+        bits = getattr(value, "bits", None)
+        if bits is not None:
+            out.append(np.asarray(bits))
+    elif isinstance(value, (int, float, np.generic)):
+        out.append(np.asarray(value))
+    else:
+        out.append(np.asarray(value))
+    return out
+
+
+def _fold_floor(call, r_res):
+    """The absolute rounding of the statistics applied in folded form: forward
+    y = x * (rstd * w) + shift, backward dx = alpha * dy - beta * (x - mean) - gamma
+    (terms of size rstd * |dy * w|)."""
+    kw = call.kwargs
+    x, w = kw["x"], kw.get("weight")
+    rstd = kw["rstd"] if "rstd" in kw else r_res[-1]
+    big = kw["dy"] if "dy" in kw else x
+    if big.size == 0 or rstd is None or rstd.size == 0:
+        return 0.0
+    wmax = 1.0 if w is None or w.size == 0 else max(1.0, float(np.abs(w).max()))
+    eps = float(np.finfo(call.dtype).eps)
+    return 8 * eps * float(np.abs(big).max()) * float(np.abs(rstd).max()) * wmax
+
+
+def compare(call, got, ref, backend):
+    """got (on ``backend``) against ref (the reference): results and in-place arrays."""
+    g_res, g_in = got
+    r_res, r_in = ref
+    floor = _fold_floor(call, r_res) if call.extra.get("folded") else 0.0
+    g_all = flatten(g_res) + flatten(g_in)
+    r_all = flatten(r_res) + flatten(r_in)
+    case = f"{backend} vs reference: {call!r}"
+    assert len(g_all) == len(r_all), case
+    n_res = len(flatten(r_res))
+    rtol, atol = tol(np.float64 if call.dtype == np.float64 else np.float32, call.kind)
+    for i, (g, r) in enumerate(zip(g_all, r_all)):
+        if r is None:
+            assert g is None, f"{case}: result {i} should be None"
+            continue
+        g = np.asarray(g)
+        assert g.shape == r.shape and g.dtype == r.dtype, \
+            f"{case}: result {i} is {g.shape} {g.dtype}, expected {r.shape} {r.dtype}"
+        if not np.issubdtype(r.dtype, np.floating) or (i < n_res and i in call.bitwise):
+            assert_bitwise(g, r, case=f"{case}, result {i}")
+            continue
+        scale = max(1.0, float(np.max(np.abs(np.nan_to_num(r.astype(np.float64),
+                                                               posinf=0, neginf=0)),
+                                      initial=0.0)))
+        assert_close(g, r, rtol=rtol, atol=atol * scale + (floor if i == 0 else 0.0),
+                     case=f"{case}, result {i}")
+
+
+def check_against_reference(call, backend):
+    """Run on the reference and on ``backend``: the same error, or matching results;
+    the inputs unchanged (in-place arrays aside)."""
+    before = copy.deepcopy(call.kwargs)
+    try:
+        ref = call.run("reference")
+    except (ValueError, TypeError) as exc:
+        # a validation error names the function; anything else is a crash in the reference
+        assert str(exc).startswith(f"{call.name}:"), f"{call!r}: the reference failed: {exc!r}"
+        err = type(exc)
+        try:
+            call.run(backend)
+        except err as got:
+            assert str(got) == str(exc), f"{call!r}: {got} != {exc}"
+            return
+        raise AssertionError(f"{call!r}: the reference raised {exc!r}, {backend} did not")
+    got = call.run(backend)
+    compare(call, got, ref, backend)
+    for k, v in before.items():   # run() works on copies: the originals never move
+        if isinstance(v, np.ndarray):
+            assert_bitwise(call.kwargs[k], v, case=f"{call!r}: input {k}")
