@@ -10,15 +10,17 @@ import numpy as np
 import pytest
 from hypothesis import given
 
-from _cuda_targets import needs_emulator
+from _cuda_targets import BF16, needs_emulator
 from api_table import BY_NAME, runs_on
 from strategies import (
     Call,
     batch_norm_calls,
     check_against_reference,
+    check_low_precision,
     dropout_calls,
     group_norm_calls,
     instance_norm_calls,
+    norm_calls,
     prox_calls,
     row_norm_calls,
 )
@@ -114,3 +116,24 @@ def test_scalers_with_no_features(shape, axis):
     check_against_reference(Call("standardize", fastreg.standardize, dict(x=x, axis=axis)), "cpu")
     check_against_reference(Call("min_max_scale", fastreg.min_max_scale, dict(x=x, axis=axis)),
                             "cpu")
+
+
+# --------------------------------------------------------------------------- 16-bit, emulated
+
+LOW = [np.float16, BF16]
+
+
+@needs_emulator
+@pytest.mark.gpu
+@given(call=norm_calls(LOW, backward=False))
+def test_norm_forwards_in_16_bit_emulated_match_reference(call):
+    check_low_precision(call, "cuda_emulator")
+
+
+@needs_emulator
+@pytest.mark.gpu
+@given(call=prox_calls(LOW) | dropout_calls(LOW))
+def test_prox_and_dropout_in_16_bit_emulated_match_reference(call):
+    if not _emulated(call):
+        return
+    check_low_precision(call, "cuda_emulator")
