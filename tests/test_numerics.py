@@ -322,3 +322,63 @@ def test_float32_large_offset_on_the_gpu(op, rng):
     y64, _ = define(op, x, w, b, 1e-5)
     err = np.max(np.abs(cupy.asnumpy(res[0]).astype(np.float64) - y64))
     assert err < 4e-6, f"{op.name} on the GPU, mean 1e6: max |y - y_float64| = {err:.3g}"
+
+
+# --------------------------------------------------------------------------- prox near the float16 maximum
+
+def _near_max_calls(rng):
+    """Calls whose inputs sit near the float16 maximum (65504) and whose exact results
+    are finite in float16: reductions (squares, ranges, log-sum-exp) that would overflow
+    if formed in float16."""
+    from strategies import Call
+
+    def big(shape, lo=5.0e4, hi=6.5e4):
+        return rng.uniform(lo, hi, shape).astype(F16) * np.where(rng.random(shape) < 0.5, -1, 1
+                                                                  ).astype(F16)
+    w = big((4, 64))
+    logits = rng.uniform(5.5e4, 6.5e4, (6, 40)).astype(F16)
+    return [
+        Call("max_norm", fastreg.max_norm, dict(w=w, max_value=1.0, axis=1), dtype=F16),
+        Call("prox_group_l1", fastreg.prox_group_l1, dict(w=w, threshold=1e5, axis=1),
+             dtype=F16),
+        Call("prox_l1", fastreg.prox_l1, dict(w=w, threshold=1e4), dtype=F16),
+        Call("standardize", fastreg.standardize, dict(x=w, axis=0), dtype=F16),
+        Call("min_max_scale", fastreg.min_max_scale, dict(x=w, axis=0, feature_range=(0.0, 1.0)),
+             dtype=F16),
+        Call("cross_entropy_label_smoothing", fastreg.cross_entropy_label_smoothing,
+             dict(logits=logits, target=rng.integers(0, 40, 6), smoothing=0.1), kind="grad",
+             dtype=F16),
+        Call("sgd_step", fastreg.sgd_step,
+             # gradients along w: the step moves w towards 0 and stays finite
+             dict(w=w.copy(), g=(np.abs(big((4, 64), 1e4, 2e4)) * np.sign(w)).astype(F16),
+                  lr=0.5, momentum=0.9,
+                  momentum_buffer=(np.abs(big((4, 64), 1e4, 2e4)) * np.sign(w)).astype(F16)),
+             inplace=("w", "momentum_buffer"),
+             kind="grad", dtype=F16),
+    ]
+
+
+@needs_emulator
+@pytest.mark.gpu
+def test_float16_near_its_maximum_through_the_prox_kernels(rng):
+    from strategies import Call, check_low_precision
+    for call in _near_max_calls(rng):
+        res = call.run("cuda_emulator")
+        outs = (list(res[0]) if isinstance(res[0], tuple) else [res[0]]) + res[1]
+        for i, a in enumerate(outs):
+            assert np.isfinite(np.asarray(a, np.float64)).all(), \
+                f"{call.name}: result {i} not finite"
+        if call.name not in ("standardize", "min_max_scale"):
+            check_low_precision(call, "cuda_emulator")
+            continue
+        # the scalers apply the statistics they return (stored in x's dtype: fit then
+        # apply gives the same y): those are the float64 ones rounded to float16, and y
+        # is the apply on them
+        x64 = call.kwargs["x"].astype(np.float64)
+        exact = call.fn(x64, axis=0, backend="reference")[1:]
+        for got, e in zip(outs[1:], exact):
+            assert (np.abs(got.astype(np.float64) - e) <=
+                    np.spacing(np.abs(e).astype(F16)).astype(np.float64)).all(), call.name
+        names = ("mean", "std") if call.name == "standardize" else ("data_min", "data_max")
+        check_low_precision(Call(call.name, call.fn, dict(call.kwargs, **dict(zip(
+            names, outs[1:]))), dtype=F16), "cuda_emulator")
