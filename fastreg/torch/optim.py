@@ -32,7 +32,8 @@ dtype or device fastreg does not run (float16/bfloat16 on the CPU; CUDA
 without CuPy). ``l1`` is then applied after PyTorch's update by the same
 formula (``w - clamp(w, -t, t)``); SGD's ``decoupled_weight_decay`` has no
 PyTorch equivalent, and asking for it there raises a ValueError before any
-parameter moves. ``foreach=False`` and ``fused=False`` are no requests and
+parameter moves. For complex parameters ``l1`` shrinks each element's modulus
+(``w * max(0, 1 - t / |w|)``, the prox of the sum of moduli). ``foreach=False`` and ``fused=False`` are no requests and
 run fastreg's step.
 """
 
@@ -41,6 +42,8 @@ from __future__ import annotations
 import numbers
 
 import torch
+from torch.optim.adam import adam as _torch_adam
+from torch.optim.sgd import sgd as _torch_sgd
 
 import fastreg
 
@@ -143,28 +146,30 @@ class _FastregStep:
             reason = self._group_reason(group)
             if reason:
                 plans.append((group, [], [p for p in group["params"] if p.grad is not None],
-                              reason))
+                              [reason]))
                 continue
-            fast, slow, why = [], [], None
+            fast, slow, reasons = [], [], []
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 r = _param_reason(p, p.grad)
                 if r:
                     slow.append(p)
-                    why = why or r
+                    if r not in reasons:
+                        reasons.append(r)
                 else:
                     fast.append(p)
-            plans.append((group, fast, slow, why))
-        for group, _, slow, reason in plans:
+            plans.append((group, fast, slow, reasons))
+        for group, _, slow, reasons in plans:
             if slow:
-                self._check_torch_runs(group, reason)
-        for group, fast, slow, reason in plans:
+                self._check_torch_runs(group, "; ".join(reasons))
+        for group, fast, slow, reasons in plans:
             if fast:
                 with torch.no_grad():
                     self._fastreg_group(group, fast)
             if slow:
-                B.fallback(name, reason)
+                for reason in reasons:
+                    B.fallback(name, reason)
                 with torch.set_grad_enabled(bool(group.get("differentiable"))):
                     self._torch_group(group, slow)
                     self._torch_prox(group, slow)
@@ -179,7 +184,10 @@ class _FastregStep:
             t = _number(group["lr"]) * l1
             with torch.no_grad():
                 for p in params:
-                    p.sub_(p.clamp(-t, t))  # soft(w, t), the formula of fastreg's kernels
+                    if p.is_complex():  # |w|_1 sums moduli: its prox shrinks each modulus
+                        p.mul_((1 - t / p.abs()).clamp_(min=0))
+                    else:
+                        p.sub_(p.clamp(-t, t))  # soft(w, t), the formula of fastreg's kernels
 
 
 def _buckets(params, *keys):
@@ -259,13 +267,12 @@ class SGD(_FastregStep, torch.optim.SGD):
     def _torch_group(self, group, params):
         grads, bufs = [], []
         sparse = torch.optim.SGD._init_group(self, dict(group, params=params), [], grads, bufs)
-        torch.optim.sgd.sgd(params, grads, bufs, has_sparse_grad=sparse,
-                            foreach=group["foreach"], fused=group["fused"],
-                            grad_scale=getattr(self, "grad_scale", None),
-                            found_inf=getattr(self, "found_inf", None),
-                            weight_decay=group["weight_decay"], momentum=group["momentum"],
-                            lr=group["lr"], dampening=group["dampening"],
-                            nesterov=group["nesterov"], maximize=group["maximize"])
+        _torch_sgd(params, grads, bufs, has_sparse_grad=sparse, foreach=group["foreach"],
+                   fused=group["fused"], grad_scale=getattr(self, "grad_scale", None),
+                   found_inf=getattr(self, "found_inf", None),
+                   weight_decay=group["weight_decay"], momentum=group["momentum"],
+                   lr=group["lr"], dampening=group["dampening"], nesterov=group["nesterov"],
+                   maximize=group["maximize"])
         if group["momentum"] != 0:
             for p, buf in zip(params, bufs):
                 self.state[p]["momentum_buffer"] = buf
@@ -304,16 +311,14 @@ class _AdamStep(_FastregStep):
     def _torch_group(self, group, params):
         (ps, grads, ms, vs, vmaxs, steps), has_complex = self._lists(group, params)
         beta1, beta2 = group["betas"]
-        torch.optim.adam.adam(ps, grads, ms, vs, vmaxs, steps, foreach=group["foreach"],
-                              capturable=group["capturable"],
-                              differentiable=group["differentiable"], fused=group["fused"],
-                              grad_scale=getattr(self, "grad_scale", None),
-                              found_inf=getattr(self, "found_inf", None),
-                              has_complex=has_complex,
-                              decoupled_weight_decay=group["decoupled_weight_decay"],
-                              amsgrad=group["amsgrad"], beta1=beta1, beta2=beta2,
-                              lr=group["lr"], weight_decay=group["weight_decay"],
-                              eps=group["eps"], maximize=group["maximize"])
+        _torch_adam(ps, grads, ms, vs, vmaxs, steps, foreach=group["foreach"],
+                    capturable=group["capturable"], differentiable=group["differentiable"],
+                    fused=group["fused"], grad_scale=getattr(self, "grad_scale", None),
+                    found_inf=getattr(self, "found_inf", None), has_complex=has_complex,
+                    decoupled_weight_decay=group["decoupled_weight_decay"],
+                    amsgrad=group["amsgrad"], beta1=beta1, beta2=beta2, lr=group["lr"],
+                    weight_decay=group["weight_decay"], eps=group["eps"],
+                    maximize=group["maximize"])
 
 
 class Adam(_AdamStep, torch.optim.Adam):
