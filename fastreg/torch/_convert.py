@@ -38,7 +38,9 @@ def convert(model, *, fuse_relu=False):
     classes; subclasses may override ``forward`` and are left alone). A
     converted ``Dropout`` draws fastreg's masks, not PyTorch's: in training
     its outputs differ from PyTorch's by design (the same distribution, other
-    draws; see ``fastreg.torch.dropout``); in eval mode they are identical. A converted layer keeps its identity: its
+    draws; see ``fastreg.torch.dropout``); in eval mode they are identical.
+    ``SyncBatchNorm`` is the one layer whose converted class is not a
+    subclass of PyTorch's (see :class:`fastreg.torch.SyncBatchNorm`). A converted layer keeps its identity: its
     class becomes fastreg's subclass of its PyTorch class, so its parameters,
     buffers, hooks, train/eval mode, device and dtype, ``isinstance`` checks
     and every reference to it (an optimizer's parameter list) are unchanged;

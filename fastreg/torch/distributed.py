@@ -98,13 +98,21 @@ class SyncBatchNormFunction(torch.autograd.Function):
             + (None,) * 6
 
 
-class SyncBatchNorm(_BatchNorm, torch.nn.SyncBatchNorm):
+class SyncBatchNorm(_BatchNorm, torch.nn.modules.batchnorm._BatchNorm):
     """Drop-in for :class:`torch.nn.SyncBatchNorm` on fastreg's kernels.
 
     Same arguments (``num_features, eps=1e-5, momentum=0.1, affine=True,
     track_running_stats=True, process_group=None, device=None, dtype=None,
-    *, bias=True``), parameters, buffers and ``state_dict``, plus the
-    keyword ``activation="relu"`` to fuse a following ReLU.
+    *, bias=True``), parameters, buffers, ``state_dict`` and
+    ``convert_sync_batchnorm``, plus the keyword ``activation="relu"`` to
+    fuse a following ReLU.
+
+    A sibling of PyTorch's class, not a subclass: both derive from
+    ``torch.nn.modules.batchnorm._BatchNorm``, but
+    ``isinstance(layer, torch.nn.SyncBatchNorm)`` is False, because
+    DistributedDataParallel refuses CPU modules that hold a
+    ``torch.nn.SyncBatchNorm`` (it tests exactly that), and this layer runs
+    CPU tensors over gloo under DDP.
 
     PyTorch's rules for when statistics cross processes: only in training,
     when ``torch.distributed`` is initialized and the group (``process_group``,
@@ -119,6 +127,17 @@ class SyncBatchNorm(_BatchNorm, torch.nn.SyncBatchNorm):
     :class:`fastreg.torch.FallbackWarning` (PyTorch's accepts only GPU input
     when it synchronizes). A process holding no samples still takes part.
     """
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
+                 track_running_stats=True, process_group=None, device=None, dtype=None, *,
+                 bias=True, activation=None):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats,
+                         device=device, dtype=dtype, bias=bias, activation=activation)
+        self.process_group = process_group
+
+    # PyTorch's SyncBatchNorm checks, with its words
+    _check_input_dim = torch.nn.SyncBatchNorm._check_input_dim
+    _check_non_zero_input_channels = torch.nn.SyncBatchNorm._check_non_zero_input_channels
 
     def forward(self, input):
         self._check_input_dim(input)
