@@ -11,7 +11,6 @@ counts in one group).
 import copy
 import warnings
 
-import numpy as np
 import pytest
 
 from _assert import assert_close

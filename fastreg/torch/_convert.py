@@ -39,12 +39,13 @@ def convert(model, *, fuse_relu=False):
     converted ``Dropout`` draws fastreg's masks, not PyTorch's: in training
     its outputs differ from PyTorch's by design (the same distribution, other
     draws; see ``fastreg.torch.dropout``); in eval mode they are identical.
-    ``SyncBatchNorm`` is the one layer whose converted class is not a
-    subclass of PyTorch's (see :class:`fastreg.torch.SyncBatchNorm`). A converted layer keeps its identity: its
-    class becomes fastreg's subclass of its PyTorch class, so its parameters,
-    buffers, hooks, train/eval mode, device and dtype, ``isinstance`` checks
-    and every reference to it (an optimizer's parameter list) are unchanged;
-    only ``forward`` runs fastreg's kernels. ``model`` may itself be a layer.
+    A converted layer keeps its identity: its class becomes fastreg's
+    subclass of its PyTorch class, so its parameters, buffers, hooks,
+    train/eval mode, device and dtype, ``isinstance`` checks and every
+    reference to it (an optimizer's parameter list) are unchanged; only
+    ``forward`` runs fastreg's kernels. ``model`` may itself be a layer.
+    ``SyncBatchNorm`` is the exception: fastreg's is a sibling of PyTorch's
+    class, not a subclass (see :class:`fastreg.torch.SyncBatchNorm`).
 
     Layers fastreg cannot run as configured stay PyTorch's: parameters or
     buffers of a dtype or on a device fastreg does not run (e.g. float16 or

@@ -32,9 +32,9 @@ dtype or device fastreg does not run (float16/bfloat16 on the CPU; CUDA
 without CuPy). ``l1`` is then applied after PyTorch's update by the same
 formula (``w - clamp(w, -t, t)``); SGD's ``decoupled_weight_decay`` has no
 PyTorch equivalent, and asking for it there raises a ValueError before any
-parameter moves. For complex parameters ``l1`` shrinks each element's modulus
-(``w * max(0, 1 - t / |w|)``, the prox of the sum of moduli). ``foreach=False`` and ``fused=False`` are no requests and
-run fastreg's step.
+parameter moves. For complex parameters ``l1`` shrinks each element's
+modulus (``w * max(0, 1 - t / |w|)``, the prox of the sum of moduli).
+``foreach=False`` and ``fused=False`` are no requests and run fastreg's step.
 """
 
 from __future__ import annotations
