@@ -11,7 +11,10 @@
    the 50 MB L2 (each sample enqueues several calls back to back, so Python's
    launch overhead hides behind the GPU as in a training loop; medians after a
    warm-up);
-4. writes ``bench/results/gpu-<device>.json`` and ``.md``: ms, GB/s over the
+4. runs the PyTorch adapter's test files and the digits example on the GPU
+   (``examples/torch_convert_digits.py --device cuda``: accuracy and step
+   time, PyTorch's layers against ``fastreg.torch.convert``'s);
+5. writes ``bench/results/gpu-<device>.json`` and ``.md``: ms, GB/s over the
    minimal bytes (each input read once, each output written once), % of the
    copy ceiling, and fastreg's speed-up over each peer (peer ms / fastreg ms),
    with the issue's targets beside them.
@@ -516,6 +519,25 @@ def run_tests(extra=()):
             "skips": [ln for ln in lines if ln.startswith("SKIPPED")]}
 
 
+TORCH_ADAPTER_TESTS = ("tests/test_torch_adapter.py", "tests/test_torch_dropout.py",
+                       "tests/test_torch_optim.py", "tests/test_torch_sync_bn.py")
+
+
+def run_torch_adapter():
+    """The PyTorch adapter on the GPU: its test files (their CUDA cases run where a
+    GPU is) and the digits example with ``--device cuda``; returns the pytest
+    summary and the example's result lines."""
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-ra", *TORCH_ADAPTER_TESTS],
+                          cwd=ROOT, capture_output=True, text=True)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]
+    example = subprocess.run([sys.executable, "examples/torch_convert_digits.py", "--device",
+                              "cuda"], cwd=ROOT, capture_output=True, text=True)
+    out = [ln for ln in example.stdout.splitlines() if ln.strip()]
+    return {"exit_code": proc.returncode, "summary": lines[-1] if lines else "",
+            "example_exit_code": example.returncode,
+            "example": out[-4:] if example.returncode == 0 else example.stderr.splitlines()[-5:]}
+
+
 def measure(case, op, torch, cupy, repeat, ceiling):
     gbs, ratio = target_of(case)
     row = {"case": case.name, "op": case.op, "direction": case.direction,
@@ -567,7 +589,11 @@ def format_markdown(result):
            f"copy ceiling {info['copy']['ceiling_gbs']:.0f} GB/s (bytes read + written; "
            f"cudaMemcpyAsync {info['copy']['memcpy_gbs']:.0f}, copy kernel "
            f"{info['copy']['copy_kernel_gbs']:.0f})",
-           f"GPU tests: {info['tests']['summary'] or 'not run'}", "",
+           f"GPU tests: {info['tests']['summary'] or 'not run'}",
+           *([f"PyTorch adapter tests: {info['torch_adapter']['summary']}",
+              "digits example, fastreg.torch.convert on CUDA: "
+              + " / ".join(info["torch_adapter"]["example"])]
+             if info.get("torch_adapter") else []), "",
            "| case | MB | fastreg ms | GB/s | % copy | target | "
            + " | ".join(f"{p} ms | {p} GB/s | x {p}" for p in peers) + " |",
            "|---|---:|---:|---:|---:|---:|" + "---:|---:|---:|" * len(peers)]
@@ -614,6 +640,8 @@ def main(argv=None):
     p.add_argument("--ops", default="*", help="fnmatch pattern of op names")
     p.add_argument("--repeat", type=int, default=30, help="samples per peer")
     p.add_argument("--skip-tests", action="store_true", help="do not run pytest -m gpu")
+    p.add_argument("--skip-torch-adapter", action="store_true",
+                   help="do not run the PyTorch adapter's tests and digits example on the GPU")
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = p.parse_args(argv)
     import cupy
@@ -622,6 +650,10 @@ def main(argv=None):
     print(f"GPU tests: {tests['summary']}", flush=True)
     info = machine_info(cupy, torch)
     info["tests"] = tests
+    if not args.skip_torch_adapter:
+        info["torch_adapter"] = run_torch_adapter()
+        print(f"PyTorch adapter tests: {info['torch_adapter']['summary']}", flush=True)
+        print("\n".join(info["torch_adapter"]["example"]), flush=True)
     info["copy"] = copy_ceiling(cupy)
     print(f"{info['device']}: copy ceiling {info['copy']['ceiling_gbs']:.0f} GB/s", flush=True)
     rows = []

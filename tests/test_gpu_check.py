@@ -169,6 +169,20 @@ def test_report_lists_speedups_and_errors():
     assert cells["target"] == "x2 torch" and cells["x torch"] == "2.40"
 
 
+def test_report_shows_the_torch_adapter_run():
+    result = _result()
+    result["info"]["torch_adapter"] = {
+        "exit_code": 0, "summary": "250 passed in 60.0s", "example_exit_code": 0,
+        "example": ["torch    test accuracy 0.99", "fastreg  test accuracy 0.99",
+                    "step time torch / fastreg: 1.30"]}
+    md = gpu_check.format_markdown(result)
+    assert "PyTorch adapter tests: 250 passed" in md
+    assert "fastreg.torch.convert on CUDA: torch    test accuracy 0.99 / " in md
+    assert "step time torch / fastreg: 1.30" in md
+    header = next(ln for ln in md.splitlines() if ln.startswith("| case |"))
+    assert "fastreg ms" in header  # the table follows unchanged
+
+
 def test_command_line_help_needs_no_gpu(capsys):
     with pytest.raises(SystemExit) as e:
         gpu_check.main(["--help"])

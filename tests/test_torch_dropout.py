@@ -547,3 +547,37 @@ def test_missing_cuda_kernels_are_named(monkeypatch):
     else:
         assert reason is None
     assert _bridge._cuda_lacks("norm", "layer_norm") is None
+
+
+# --------------------------------------------------------------------------- CUDA
+# Where PyTorch sees a GPU with CuPy and fastreg's CUDA backend (bench/gpu_check.py
+# runs this file there): fastreg's kernels where the backend has them, PyTorch's
+# ops (a FallbackWarning naming the missing kernel) where not; the math is the
+# same either way.
+
+def _cuda_missing():
+    if not torch.cuda.is_available():
+        return "no CUDA device (this PyTorch build or machine has none)"
+    cupy, reason = _bridge._cuda_support()
+    return None if cupy is not None else reason
+
+
+@pytest.mark.skipif(_cuda_missing() is not None, reason=f"CUDA path: {_cuda_missing()}")
+def test_dropout_family_on_cuda(rng):
+    x = _tensor(rng, (6, 5, 32), torch.float32).cuda()
+    r = _tensor(rng, (6, 5, 32), torch.float32).cuda()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ft.FallbackWarning)
+        xo = x.clone().requires_grad_()
+        y = ft.Dropout(0.3)(xo)
+        y.backward(torch.ones_like(y))
+        keep = (y != 0).float()
+        _close(y, x * keep / 0.7, torch.float32, "cuda dropout y")
+        _close(xo.grad, keep / 0.7, torch.float32, "cuda dropout dx", grad=True)
+        norm = ft.DropoutAddLayerNorm(32, p=0.2, prenorm=True).cuda()
+        y, s = norm(x, r)
+        keep = ((s - r) != 0).float()
+        _close(s, r + x * keep / 0.8, torch.float32, "cuda dropout+add s")
+        norm.eval()
+        _close(norm(x, r)[0], F.layer_norm(x + r, (32,), norm.weight, norm.bias),
+               torch.float32, "cuda dropout+add+LN eval")

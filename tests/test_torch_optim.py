@@ -54,8 +54,8 @@ class _Problem:
             if i == 1 and t % 2:  # this one has no gradient on odd steps
                 p.grad = None
                 continue
-            g = self.h[i] * (p.detach().double() - self.w_star[i]) + self.noise[i][t]
-            p.grad = (sign * g).to(self.dtype)
+            g = self.h[i] * (p.detach().cpu().double() - self.w_star[i]) + self.noise[i][t]
+            p.grad = (sign * g).to(self.dtype).to(p.device)
 
 
 def _check(ours, theirs, dtype, case):
@@ -411,3 +411,33 @@ def test_decoupled_decay_outside_fastregs_step_raises_before_anything_moves():
     with pytest.raises(ValueError, match="decoupled_weight_decay needs fastreg's step"):
         opt.step()
     assert torch.equal(dense.detach(), torch.ones(3)) and torch.equal(emb.weight, before)
+
+
+# --------------------------------------------------------------------------- CUDA
+# Where PyTorch sees a GPU and CuPy and fastreg's CUDA backend are installed
+# (bench/gpu_check.py runs these files there); elsewhere they skip, naming why.
+
+def _cuda_missing():
+    if not torch.cuda.is_available():
+        return "no CUDA device (this PyTorch build or machine has none)"
+    cupy, reason = _bridge._cuda_support()
+    return None if cupy is not None else reason
+
+
+@pytest.mark.skipif(_cuda_missing() is not None, reason=f"CUDA path: {_cuda_missing()}")
+@pytest.mark.parametrize("name,kwargs", [("SGD", dict(lr=0.05, momentum=0.9, nesterov=True)),
+                                         ("AdamW", dict(lr=0.01, amsgrad=True))])
+def test_cuda_trajectory_matches_torch(name, kwargs, rng):
+    problem = _Problem(rng, torch.float32, steps=50)
+    pa = [torch.nn.Parameter(w.clone().cuda()) for w in problem.w0]
+    pb = [torch.nn.Parameter(w.clone().cuda()) for w in problem.w0]
+    ours = getattr(ft.optim, name)(pa, **kwargs)
+    theirs = getattr(torch.optim, name)(pb, **kwargs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ft.FallbackWarning)
+        for t in range(50):
+            problem.set_grads(pa, t)
+            problem.set_grads(pb, t)
+            ours.step()
+            theirs.step()
+    _check([p.cpu() for p in pa], [p.cpu() for p in pb], torch.float32, f"cuda {name}")
