@@ -408,6 +408,33 @@ def test_dropout_add_layer_norm_post_norm_and_no_residual(rng):
     _close(s1, r + x * keep / 0.7, torch.float32, "functional s")
 
 
+def test_drop_connect_and_dropout_add_layer_norm_pass_views(spy, rng):
+    x = _tensor(rng, (4, 6, 16), torch.float32).requires_grad_()
+    r = _tensor(rng, (4, 6, 16), torch.float32).requires_grad_()
+    layer = ft.DropConnectLinear(16, 8, p=0.3)
+    y = layer(x)
+    (args, kwargs, _), = spy["drop_connect"]
+    assert _ptr(args[0]) == x.data_ptr() and _ptr(args[1]) == layer.weight.data_ptr()
+    assert _ptr(kwargs["out"]) == y.data_ptr()
+    g = _tensor(rng, y.shape, torch.float32)
+    y.backward(g)
+    (args, kwargs, _), = spy["drop_connect_backward"]
+    assert _ptr(args[0]) == g.data_ptr() and _ptr(kwargs["out"][0]) == x.grad.data_ptr()
+    assert _ptr(kwargs["out"][1]) == layer.weight.grad.data_ptr()
+    norm = ft.DropoutAddLayerNorm(16, p=0.2, prenorm=True, mask="bits")
+    y, s = norm(x, r)
+    (args, kwargs, _), = spy["dropout_add_layer_norm"]
+    assert _ptr(args[0]) == x.data_ptr() and _ptr(args[1]) == r.data_ptr()
+    assert _ptr(kwargs["out"][0]) == y.data_ptr() and _ptr(kwargs["out"][1]) == s.data_ptr()
+    x.grad = None
+    gy = _tensor(rng, y.shape, torch.float32)
+    torch.autograd.backward((y, s), (gy, gy))
+    (args, kwargs, _), = spy["dropout_add_layer_norm_backward"]
+    assert _ptr(args[0]) == gy.data_ptr() and _ptr(args[1]) == s.data_ptr()
+    assert _ptr(kwargs["out"][0]) == x.grad.data_ptr()
+    assert _ptr(kwargs["out"][1]) == r.grad.data_ptr()
+
+
 # --------------------------------------------------------------------------- convert
 
 class _Block(nn.Module):
