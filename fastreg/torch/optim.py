@@ -180,6 +180,9 @@ class _FastregStep:
 
     def _torch_prox(self, group, params):
         l1 = group.get("l1", 0.0)
+        found_inf = getattr(self, "found_inf", None)
+        if found_inf is not None and bool(found_inf):
+            return  # AMP skipped PyTorch's update (inf gradients): the prox skips with it
         if l1:
             t = _number(group["lr"]) * l1
             with torch.no_grad():
