@@ -393,9 +393,10 @@ def main(argv=None):
         args.epochs = QUICK_EPOCHS if args.quick else EPOCHS
     if args.epochs < 1 or args.threads < 1:
         parser.error("--epochs and --threads must be >= 1")
-    load = [os.getloadavg()[0]]
+    loadavg = getattr(os, "getloadavg", lambda: (math.nan,))     # absent on Windows
+    load = [loadavg()[0]]
     results, total = run([by_key[k] for k in keys], args.epochs, args.seed, args.threads)
-    load.append(os.getloadavg()[0])
+    load.append(loadavg()[0])
     os.makedirs(args.out, exist_ok=True)
     write_markdown(os.path.join(args.out, "gallery.md"), results, total, args, load)
     plot(os.path.join(args.out, "gallery.png"), results, args.epochs)
