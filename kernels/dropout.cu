@@ -7,7 +7,8 @@
 // element e of a call (the C-order index of the logical tensor) takes word
 // e % 4 of block offset + e / 4. A thread always computes whole blocks for
 // the elements it owns, so the bits never depend on the launch geometry
-// (tests/test_cuda_dropout.py runs each kernel under several).
+// (tests/test_cuda_dropout.py runs the elementwise kernels and the fused op
+// under several).
 //
 //   dropout          y = x * m,  m = keep ? scale : 0  (a dropped Inf/NaN gives NaN)
 //   dropout bwd      dx = dy * m (m from the mask bits, or the stream again)

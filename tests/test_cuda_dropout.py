@@ -324,29 +324,35 @@ def test_fused_mask_and_residual_sum_do_not_depend_on_the_row_plan(dtype, target
 DTYPE_LIST = [np.dtype(d) for d in DTYPES]
 
 
+# Cases past the small shapes of the table, in every dtype: rows beyond the registers
+# (loop paths; 16411: odd, scalar loads), DropConnect over several 16 x 16 tiles and
+# K tiles.
+LONG = [("dropout_add_layer_norm", ((3, 9000), 1, "contig"), {"p": 0.3, "mask": "bits",
+                                                               "dres": True}),
+        ("dropout_add_layer_norm", ((2, 16411), 1, "contig"), {"p": 0.3}),
+        ("drop_connect", ((37, 70), 19, "contig"), {"p": 0.3, "per_example": True}),
+        ("drop_connect", ((37, 70), 19, "contig"), {"p": 0.3, "per_example": False})]
+
+
 def _table():
-    """(op, spec, variant, dtype, offset, id): every op and variant; shapes, dtypes and
-    offsets spread along the table (every op meets every dtype and both offsets)."""
-    rows, i = [], 0
-    extra = {"dropout_add_layer_norm": [((3, 9000), 1, "contig"), ((2, 2600), 1, "contig"),
-                                        ((2600, 8), 1, "contig")]}
-    for op in OPS:
-        specs = list(op.shapes) + extra.get(op.name, [])
-        for j, variant in enumerate(op.variants):
-            for k, spec in enumerate(specs):
-                if (k + j) % 3 and op.name != "dropout_add_layer_norm":
-                    continue                          # a third of the shapes per variant
-                if op.name == "dropout_add_layer_norm" and (k + j) % 2:
-                    continue
-                if spec in extra.get(op.name, []) and j % 4:
-                    continue                          # the long rows: a few variants
-                dtype = DTYPE_LIST[i % 4]
-                offset = OFFSETS[(i // 4) % 2]
-                i += 1
-                vid = ",".join(f"{k_}={v}" for k_, v in variant.items())
-                sid = "x".join(map(str, spec[0])) + "-" + "-".join(map(str, spec[1:]))
-                rows.append((op, spec, variant, dtype, offset,
-                             f"{op.name}-{sid}-{vid}-{dtype.name}-offset{offset}"))
+    """(op, spec, variant, dtype, offset, id): every op and variant, a third of the
+    shapes per variant (half for the fused op), the dtype and the two stream offsets
+    cycling along the table; then the LONG cases in every dtype."""
+    ops = {op.name: op for op in OPS}
+    picked = [(op, spec, variant) for op in OPS for j, variant in enumerate(op.variants)
+              for k, spec in enumerate(op.shapes)
+              if (k + j) % (2 if op.name == "dropout_add_layer_norm" else 3) == 0]
+    picked = [(op, spec, variant, DTYPE_LIST[i % 4]) for i, (op, spec, variant)
+              in enumerate(picked)]
+    picked += [(ops[name], spec, variant, dt) for name, spec, variant in LONG
+               for dt in DTYPE_LIST]
+    rows = []
+    for i, (op, spec, variant, dtype) in enumerate(picked):
+        offset = OFFSETS[(i // 4) % 2]
+        vid = ",".join(f"{k}={v}" for k, v in variant.items())
+        sid = "x".join(map(str, spec[0])) + "-" + "-".join(map(str, spec[1:]))
+        rows.append((op, spec, variant, dtype, offset,
+                     f"{op.name}-{sid}-{vid}-{dtype.name}-offset{offset}"))
     return rows
 
 
@@ -461,6 +467,29 @@ def _with_bits(target, mask):
 
 
 # =========================================================================== other properties
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_fused_backward_blocks_walk_several_row_groups(target, monkeypatch, rng):
+    """A grid smaller than the row groups (as at large M on a GPU): each block walks
+    several groups and keeps their dweight/dbias in registers."""
+    monkeypatch.setattr(cuda_dropout, "H100_SMS", 3)
+    x, r, dy = (_array(rng, (300, 37), np.float32) for _ in range(3))
+    w, b = _array(rng, (37,), np.float32), _array(rng, (37,), np.float32)
+    assert cuda_dropout.backward_blocks(-(-300 // 8), 256) == 6
+    for mask in ("bits", "seed"):
+        outs = fastreg.dropout_add_layer_norm(*(_to(target, a) for a in (x, r, w, b)), 0.4,
+                                              rng=Generator(2, 2**32 - 1), mask=mask,
+                                              backend=target)
+        ref = fastreg.dropout_add_layer_norm(x, r, w, b, 0.4, rng=Generator(2, 2**32 - 1),
+                                             mask=mask, backend="reference")
+        got = fastreg.dropout_add_layer_norm_backward(_to(target, dy), *outs[1:4], _to(target, w),
+                                                      _to(target, b), outs[4], backend=target)
+        want = fastreg.dropout_add_layer_norm_backward(dy, *ref[1:4], w, b, ref[4],
+                                                       backend="reference")
+        for name, g, e in zip(("dx", "dresidual", "dweight", "dbias"), got, want):
+            scale = max(1.0, float(np.abs(e).max()))
+            assert_close(_host(g), e, rtol=1e-4, atol=1e-4 * scale, case=f"{mask} {name}")
+
 
 @pytest.mark.parametrize("target", TARGETS)
 def test_drop_connect_per_example_equals_n_masked_matrices(target, rng):
