@@ -144,11 +144,18 @@ def test_stream_is_bitwise_the_reference_and_the_cpu(size, offset, target, rng, 
                                         backend=target))
         zr = fastreg.random.normal(shape, rng=Generator(seed, offset), dtype=np.float64,
                                    backend="reference")
-        # one rounding of a double within a few ulps of the reference's
-        t = {np.dtype(np.float64): 1e-14, np.dtype(np.float32): 4e-7,
-             np.dtype(np.float16): 1e-3, BF16: 8e-3}[dt]
-        assert_close(z, zr, rtol=t, atol=t, case=f"normal {dt} {case}")
         assert np.all(np.abs(zr) <= 5.78)
+        if dt == np.float64:   # log, sqrt, sin, cos of two libraries: a few ulps apart
+            assert_close(z, zr, rtol=1e-14, atol=1e-14, case=f"normal {dt} {case}")
+            continue
+        # one rounding of a double that is a few float64 ulps from the reference's: the
+        # reference's value in the dtype, or (next to a tie) its neighbour
+        near = zr.astype(dt)
+        err = np.abs(z.astype(np.float64) - near.astype(np.float64))
+        mantissa = {np.dtype(np.float32): 24, np.dtype(np.float16): 11, BF16: 8}[dt]
+        ulp = np.exp2(np.floor(np.log2(np.maximum(np.abs(zr), 2.0**-14))) - (mantissa - 1))
+        assert np.all(err <= ulp), f"normal {dt} {case}: more than one ulp from the reference"
+        assert np.count_nonzero(err) <= max(1, z.size // 100), f"normal {dt} {case}"
 
 
 @pytest.mark.parametrize("target", TARGETS)
