@@ -53,9 +53,10 @@
 //   ~330 G elements/s at 2.7 TB/s of float32). "seed" masks write no bits.
 // - dropout_bwd_bits: reads dy and n/8 bytes, writes dx; the "seed"
 //   backward is dropout_fwd on dy (reads dy, writes dx, Philox again).
-// - gaussian: Box-Muller in double (log, sqrt, sincospi per pair): reads x,
-//   writes y; on an H100 (fast float64) about memory-bound for 16-bit data,
-//   on GPUs with slow float64 compute-bound.
+// - gaussian: Box-Muller in double (log, sqrt, sincospi per pair, ~35
+//   float64 operations per element): reads x, writes y. On an H100 (~34
+//   TFLOP/s of float64) memory-bound for float32/float64 data and near the
+//   float64 limit for 16-bit data; compute-bound on GPUs with slow float64.
 // - stream_fill (random_bits / uniform / normal): writes the output only.
 // - drop_connect per batch: dropout_fwd over the weight (reads W, writes the
 //   masked W: the one pass the issue asks for), then cuBLAS through CuPy's
@@ -76,8 +77,9 @@
 // - dropout_add_ln_fwd (register path): a row group of R threads (a power
 //   of two, 32..1024) owns a row; thread t holds K slots of N = 16 / sizeof(T)
 //   consecutive columns (k R + t) N .. + N - 1, whose N stream elements
-//   span at most N / 4 + 2 blocks; 16-byte loads where rows and pointers are
-//   aligned, scalar loads of the same columns otherwise. Reads x, residual
+//   span at most (N + 6) / 4 Philox blocks (N / 4, or 1 for float64, when
+//   D % N == 0); 16-byte loads where rows and pointers are aligned, scalar
+//   loads of the same columns otherwise. Reads x, residual
 //   (+ w, b), writes y, s (+ mean, rstd): 4 passes where the unfused ops
 //   make 7 (16 bytes per float32 element; the issue's bar is 2.5x PyTorch's
 //   eager dropout + add + layer_norm, ~1000 GB/s effective). Mean first,
@@ -102,8 +104,8 @@
 // example: i (forward) or b (backward) increasing within one thread;
 // partial rows in block order. No atomics.
 //
-// Limits: element counts < 2^63; rows M, D < 2^31; DropConnect N < 2^31,
-// O < 65536 * 16, K < 2^31.
+// Limits: element counts < 2^63; rows M, D < 2^31; DropConnect per example
+// O < 2^20 and (backward) N < 2^20 (65535 blocks along grid.y), K < 2^31.
 #include "common.cuh"
 #include "philox.cuh"
 
