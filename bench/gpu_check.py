@@ -24,8 +24,9 @@ CI by tests/test_gpu_check.py); everything that needs CuPy or torch is
 imported inside the functions that time. Ops are rows of ``OPS``, each an
 ``OpBench`` subclass: layer and RMS norm (rows), batch norm (NCHW and NHWC,
 training with running statistics, fused forward/backward against ATen's
-native ops), group norm (NCHW and NHWC, G = 32), instance norm, and the prox
-family's optimizer steps and label-smoothed cross-entropy.
+native ops), group norm (NCHW and NHWC, G = 32), instance norm, the prox
+family's optimizer steps and label-smoothed cross-entropy, and the dropout
+family's dropout (1-bit and 0-byte masks) and fused dropout + add + LayerNorm.
 """
 
 from __future__ import annotations
@@ -464,6 +465,86 @@ OPS.update({"sgd_step": ProxStep("sgd_step"), "adamw_step": ProxStep("adamw_step
             "cross_entropy": CrossEntropy()})
 
 
+# --------------------------------------------------------------------------- dropout family
+# Issue 4's GPU targets: dropout forward with a 1-bit mask at 2700 GB/s or more
+# (PyTorch: 2243 GB/s with its 1-byte mask); dropout + add + LayerNorm forward at
+# 2.5x PyTorch's eager composite or more.
+TARGETS[("dropout", "fwd", "float32")] = 2700
+RATIO_TARGETS[("dropout_add_layer_norm", "fwd", "float32", "")] = 2.5
+RATIO_TARGETS[("dropout_add_layer_norm", "fwd", "bfloat16", "")] = 2.5
+DROPOUT_P = 0.1
+# Bytes of mask kept per element: fastreg "bits" 1/8, "seed" 0; PyTorch's bool mask 1.
+MASK_BYTES_PER_ELEMENT = {"fastreg": 0.125, "fastreg_seed": 0.0, "torch": 1.0}
+
+
+def dropout_bytes(op, shape, dtype):
+    """Minimal bytes of the forward, as fastreg moves them. dropout: read x, write y
+    and the 1-bit mask (n/8 bytes in whole 4-byte words); PyTorch's dropout moves n
+    bytes more (its 1-byte mask), fastreg's "seed" mask n/8 bytes less. The fused op
+    reads x, residual, weight, bias and writes y, the residual sum, mean and rstd
+    ("seed" mask: nothing more)."""
+    s = ITEMSIZE[dtype]
+    n = 1
+    for d in shape:
+        n *= d
+    if op == "dropout":
+        return 2 * n * s + 4 * ((n + 31) // 32)
+    M, D = shape
+    return 4 * M * D * s + 2 * D * s + 2 * M * stat_size(dtype)
+
+
+class Dropout(OpBench):
+    """dropout forward (fastreg's 1-bit mask; its 0-byte "seed" mask as a second
+    peer) beside torch.native_dropout (what F.dropout runs in training, with its
+    1-byte mask); dropout + add + LayerNorm forward (fastreg's fused kernel, mask
+    "seed") beside PyTorch's eager F.layer_norm(F.dropout(x) + residual)."""
+
+    SHAPES = {"dropout": ((1 << 26,),), "dropout_add_layer_norm": ((32768, 1024), (8192, 4096))}
+    QUICK_SHAPES = {"dropout": ((1 << 24,),), "dropout_add_layer_norm": ((16384, 1024),)}
+    DTYPES = ("float32", "bfloat16")
+
+    def __init__(self, name):
+        self.name = name
+
+    def cases(self, quick):
+        return [Case(self.name, "fwd", shape, dt) for shape in
+                (self.QUICK_SHAPES if quick else self.SHAPES)[self.name] for dt in self.DTYPES]
+
+    def nbytes(self, case):
+        return dropout_bytes(case.op, case.shape, case.dtype)
+
+    def prepare(self, case, torch, cupy):
+        import fastreg
+        tdt = getattr(torch, case.dtype)
+        g = torch.Generator(device="cuda").manual_seed(0)
+        x = torch.randn(*case.shape, device="cuda", dtype=tdt, generator=g)
+        cx = cupy.from_dlpack(x)
+        gen = fastreg.random.Generator(0)
+        F, peers = torch.nn.functional, {}
+        if case.op == "dropout":
+            y, bits = cupy.empty_like(cx), cupy.empty((cx.size + 31) // 32, cupy.uint32)
+            peers["fastreg"] = lambda: fastreg.dropout(cx, DROPOUT_P, rng=gen, out=(y, bits))
+            peers["fastreg_seed"] = lambda: fastreg.dropout(cx, DROPOUT_P, rng=gen, mask="seed",
+                                                            out=(y, None))
+            peers["torch"] = lambda: torch.native_dropout(x, DROPOUT_P, True)
+            return peers
+        M, D = case.shape
+        r = torch.randn(M, D, device="cuda", dtype=tdt, generator=g)
+        w = torch.randn(D, device="cuda", dtype=tdt, generator=g)
+        b = torch.randn(D, device="cuda", dtype=tdt, generator=g)
+        cr, cw, cb = (cupy.from_dlpack(t) for t in (r, w, b))
+        sd = cupy.float32
+        out = (cupy.empty_like(cx), cupy.empty_like(cx), cupy.empty(M, sd), cupy.empty(M, sd))
+        peers["fastreg"] = lambda: fastreg.dropout_add_layer_norm(cx, cr, cw, cb, DROPOUT_P,
+                                                                  rng=gen, out=out)
+        peers["torch"] = lambda: F.layer_norm(F.dropout(x, DROPOUT_P) + r, (D,), w, b, 1e-5)
+        return peers
+
+
+OPS.update({"dropout": Dropout("dropout"),
+            "dropout_add_layer_norm": Dropout("dropout_add_layer_norm")})
+
+
 def select_cases(pattern="*", quick=False):
     return [c for op in OPS.values() for c in op.cases(quick) if fnmatch.fnmatch(c.op, pattern)]
 
@@ -613,6 +694,10 @@ def format_markdown(result):
         out.append("| " + " | ".join(cells) + " |")
     out += ["", "GB/s counts the minimal bytes (each input read once, each output written "
             "once); x peer = peer ms / fastreg ms (> 1: fastreg faster)."]
+    if any(r.get("op") == "dropout" for r in rows):
+        out += ["", "Dropout mask kept per element: " + ", ".join(
+            f"{peer} {b:g} B" for peer, b in MASK_BYTES_PER_ELEMENT.items())
+            + " (fastreg_seed: the mask regenerated in the backward)."]
     return "\n".join(out) + "\n"
 
 
