@@ -545,10 +545,10 @@ def test_convert_leaves_unsupported_layers_to_torch():
 
     model = nn.Sequential(nn.BatchNorm2d(3, dtype=torch.float16), MyNorm(4),
                           nn.LayerNorm(4, eps=0.0), nn.BatchNorm2d(3, momentum=1.5),
-                          nn.LayerNorm(4, device="meta"), nn.GroupNorm(1, 3), nn.Dropout())
+                          nn.LayerNorm(4, device="meta"), nn.GroupNorm(1, 3), nn.Dropout2d())
     ft.convert(model)
     assert [type(m) for m in model] == [nn.BatchNorm2d, MyNorm, nn.LayerNorm, nn.BatchNorm2d,
-                                        nn.LayerNorm, ft.GroupNorm, nn.Dropout]
+                                        nn.LayerNorm, ft.GroupNorm, nn.Dropout2d]
     layer = ft.convert(nn.LayerNorm(5))  # a single layer converts too
     assert type(layer) is ft.LayerNorm
     with pytest.raises(TypeError, match="convert: 'model' must be a torch.nn.Module"):
