@@ -13,7 +13,8 @@
    warm-up);
 4. runs the PyTorch adapter's test files and the digits example on the GPU
    (``examples/torch_convert_digits.py --device cuda``: accuracy and step
-   time, PyTorch's layers against ``fastreg.torch.convert``'s);
+   time, PyTorch's layers against ``fastreg.torch.convert``'s), and the 1-rank
+   NCCL smoke run of ``fastreg.distributed`` (``bench/syncbn_gpu_smoke.py``);
 5. writes ``bench/results/gpu-<device>.json`` and ``.md``: ms, GB/s over the
    minimal bytes (each input read once, each output written once), % of the
    copy ceiling, and fastreg's speed-up over each peer (peer ms / fastreg ms),
@@ -619,6 +620,16 @@ def run_torch_adapter():
             "example": out[-4:] if example.returncode == 0 else example.stderr.splitlines()[-5:]}
 
 
+def run_syncbn_smoke():
+    """The 1-rank NCCL smoke run of fastreg.distributed (bench/syncbn_gpu_smoke.py):
+    its exit code and one line per check."""
+    proc = subprocess.run([sys.executable, "bench/syncbn_gpu_smoke.py"], cwd=ROOT,
+                          capture_output=True, text=True)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]
+    return {"exit_code": proc.returncode,
+            "lines": lines if proc.returncode == 0 or lines else proc.stderr.splitlines()[-5:]}
+
+
 def measure(case, op, torch, cupy, repeat, ceiling):
     gbs, ratio = target_of(case)
     row = {"case": case.name, "op": case.op, "direction": case.direction,
@@ -674,7 +685,10 @@ def format_markdown(result):
            *([f"PyTorch adapter tests: {info['torch_adapter']['summary']}",
               "digits example, fastreg.torch.convert on CUDA: "
               + " / ".join(info["torch_adapter"]["example"])]
-             if info.get("torch_adapter") else []), "",
+             if info.get("torch_adapter") else []),
+           *([f"sync batch norm, 1-rank NCCL smoke run (exit {smoke['exit_code']}): "
+              + " / ".join(smoke["lines"])] if (smoke := info.get("syncbn_smoke")) else []),
+           "",
            "| case | MB | fastreg ms | GB/s | % copy | target | "
            + " | ".join(f"{p} ms | {p} GB/s | x {p}" for p in peers) + " |",
            "|---|---:|---:|---:|---:|---:|" + "---:|---:|---:|" * len(peers)]
@@ -727,6 +741,8 @@ def main(argv=None):
     p.add_argument("--skip-tests", action="store_true", help="do not run pytest -m gpu")
     p.add_argument("--skip-torch-adapter", action="store_true",
                    help="do not run the PyTorch adapter's tests and digits example on the GPU")
+    p.add_argument("--skip-syncbn", action="store_true",
+                   help="do not run the 1-rank NCCL smoke run of fastreg.distributed")
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = p.parse_args(argv)
     import cupy
@@ -739,6 +755,9 @@ def main(argv=None):
         info["torch_adapter"] = run_torch_adapter()
         print(f"PyTorch adapter tests: {info['torch_adapter']['summary']}", flush=True)
         print("\n".join(info["torch_adapter"]["example"]), flush=True)
+    if not args.skip_syncbn:
+        info["syncbn_smoke"] = run_syncbn_smoke()
+        print("\n".join(info["syncbn_smoke"]["lines"]), flush=True)
     info["copy"] = copy_ceiling(cupy)
     print(f"{info['device']}: copy ceiling {info['copy']['ceiling_gbs']:.0f} GB/s", flush=True)
     rows = []

@@ -588,31 +588,3 @@ def test_the_same_seed_gives_the_same_mask_on_numpy_and_cupy():
     assert np.array_equal(m_cpu.bits, m_gpu.bits.get())
     assert np.array_equal(y_cpu, y_gpu.get())
     assert np.array_equal(m_cpu.to_bool(), m_gpu.to_bool().get())
-
-
-# The README's example (the same seed, the same mask on NumPy and CuPy arrays), as it is
-# printed there: the CuPy half runs where CuPy is installed, the emulation elsewhere.
-README_EXAMPLE = """\
-import numpy as np
-import fastreg
-
-x = np.random.default_rng(0).standard_normal((64, 1000), dtype=np.float32)
-y, mask = fastreg.dropout(x, 0.1, rng=fastreg.random.Generator(1234))   # NumPy: Numba kernels
-try:
-    import cupy                                                          # GPU: CUDA kernels
-    y_gpu, mask_gpu = fastreg.dropout(cupy.asarray(x), 0.1, rng=fastreg.random.Generator(1234))
-    y_gpu, bits_gpu = y_gpu.get(), mask_gpu.bits.get()
-except ImportError:                      # no GPU: the same CUDA C++ run by the host emulation
-    y_gpu, mask_gpu = fastreg.dropout(x, 0.1, rng=fastreg.random.Generator(1234),
-                                      backend="cuda_emulator")
-    bits_gpu = mask_gpu.bits
-assert (bits_gpu == mask.bits).all() and (y_gpu == y).all()   # same bits, same y
-print(mask.nbytes, "bytes of mask for", x.size, "elements")   # 8000: 1 bit each
-"""
-
-
-@needs_emulator
-def test_readme_example_gives_the_same_mask_on_numpy_and_on_the_gpu_kernels(capsys):
-    assert len(README_EXAMPLE.splitlines()) <= 16
-    exec(compile(README_EXAMPLE, "README example", "exec"), {})
-    assert capsys.readouterr().out == "8000 bytes of mask for 64000 elements\n"

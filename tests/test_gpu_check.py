@@ -215,6 +215,15 @@ def test_report_shows_the_torch_adapter_run():
     assert "fastreg ms" in header  # the table follows unchanged
 
 
+def test_report_shows_the_syncbn_smoke_run():
+    result = _result()
+    result["info"]["syncbn_smoke"] = {"exit_code": 0, "lines": ["ok CupyNcclComm allgather",
+                                                                "ok TorchComm allreduce"]}
+    md = gpu_check.format_markdown(result)
+    assert ("1-rank NCCL smoke run (exit 0): ok CupyNcclComm allgather / ok TorchComm "
+            "allreduce") in md
+
+
 def test_command_line_help_needs_no_gpu(capsys):
     with pytest.raises(SystemExit) as e:
         gpu_check.main(["--help"])
