@@ -11,7 +11,11 @@
    the 50 MB L2 (each sample enqueues several calls back to back, so Python's
    launch overhead hides behind the GPU as in a training loop; medians after a
    warm-up);
-4. writes ``bench/results/gpu-<device>.json`` and ``.md``: ms, GB/s over the
+4. runs the PyTorch adapter's test files and the digits example on the GPU
+   (``examples/torch_convert_digits.py --device cuda``: accuracy and step
+   time, PyTorch's layers against ``fastreg.torch.convert``'s), and the 1-rank
+   NCCL smoke run of ``fastreg.distributed`` (``bench/syncbn_gpu_smoke.py``);
+5. writes ``bench/results/gpu-<device>.json`` and ``.md``: ms, GB/s over the
    minimal bytes (each input read once, each output written once), % of the
    copy ceiling, and fastreg's speed-up over each peer (peer ms / fastreg ms),
    with the issue's targets beside them.
@@ -21,8 +25,9 @@ CI by tests/test_gpu_check.py); everything that needs CuPy or torch is
 imported inside the functions that time. Ops are rows of ``OPS``, each an
 ``OpBench`` subclass: layer and RMS norm (rows), batch norm (NCHW and NHWC,
 training with running statistics, fused forward/backward against ATen's
-native ops), group norm (NCHW and NHWC, G = 32), instance norm, and the prox
-family's optimizer steps and label-smoothed cross-entropy.
+native ops), group norm (NCHW and NHWC, G = 32), instance norm, the prox
+family's optimizer steps and label-smoothed cross-entropy, and the dropout
+family's dropout (1-bit and 0-byte masks) and fused dropout + add + LayerNorm.
 """
 
 from __future__ import annotations
@@ -461,6 +466,86 @@ OPS.update({"sgd_step": ProxStep("sgd_step"), "adamw_step": ProxStep("adamw_step
             "cross_entropy": CrossEntropy()})
 
 
+# --------------------------------------------------------------------------- dropout family
+# Issue 4's GPU targets: dropout forward with a 1-bit mask at 2700 GB/s or more
+# (PyTorch: 2243 GB/s with its 1-byte mask); dropout + add + LayerNorm forward at
+# 2.5x PyTorch's eager composite or more.
+TARGETS[("dropout", "fwd", "float32")] = 2700
+RATIO_TARGETS[("dropout_add_layer_norm", "fwd", "float32", "")] = 2.5
+RATIO_TARGETS[("dropout_add_layer_norm", "fwd", "bfloat16", "")] = 2.5
+DROPOUT_P = 0.1
+# Bytes of mask kept per element: fastreg "bits" 1/8, "seed" 0; PyTorch's bool mask 1.
+MASK_BYTES_PER_ELEMENT = {"fastreg": 0.125, "fastreg_seed": 0.0, "torch": 1.0}
+
+
+def dropout_bytes(op, shape, dtype):
+    """Minimal bytes of the forward, as fastreg moves them. dropout: read x, write y
+    and the 1-bit mask (n/8 bytes in whole 4-byte words); PyTorch's dropout moves n
+    bytes more (its 1-byte mask), fastreg's "seed" mask n/8 bytes less. The fused op
+    reads x, residual, weight, bias and writes y, the residual sum, mean and rstd
+    ("seed" mask: nothing more)."""
+    s = ITEMSIZE[dtype]
+    n = 1
+    for d in shape:
+        n *= d
+    if op == "dropout":
+        return 2 * n * s + 4 * ((n + 31) // 32)
+    M, D = shape
+    return 4 * M * D * s + 2 * D * s + 2 * M * stat_size(dtype)
+
+
+class Dropout(OpBench):
+    """dropout forward (fastreg's 1-bit mask; its 0-byte "seed" mask as a second
+    peer) beside torch.native_dropout (what F.dropout runs in training, with its
+    1-byte mask); dropout + add + LayerNorm forward (fastreg's fused kernel, mask
+    "seed") beside PyTorch's eager F.layer_norm(F.dropout(x) + residual)."""
+
+    SHAPES = {"dropout": ((1 << 26,),), "dropout_add_layer_norm": ((32768, 1024), (8192, 4096))}
+    QUICK_SHAPES = {"dropout": ((1 << 24,),), "dropout_add_layer_norm": ((16384, 1024),)}
+    DTYPES = ("float32", "bfloat16")
+
+    def __init__(self, name):
+        self.name = name
+
+    def cases(self, quick):
+        return [Case(self.name, "fwd", shape, dt) for shape in
+                (self.QUICK_SHAPES if quick else self.SHAPES)[self.name] for dt in self.DTYPES]
+
+    def nbytes(self, case):
+        return dropout_bytes(case.op, case.shape, case.dtype)
+
+    def prepare(self, case, torch, cupy):
+        import fastreg
+        tdt = getattr(torch, case.dtype)
+        g = torch.Generator(device="cuda").manual_seed(0)
+        x = torch.randn(*case.shape, device="cuda", dtype=tdt, generator=g)
+        cx = cupy.from_dlpack(x)
+        gen = fastreg.random.Generator(0)
+        F, peers = torch.nn.functional, {}
+        if case.op == "dropout":
+            y, bits = cupy.empty_like(cx), cupy.empty((cx.size + 31) // 32, cupy.uint32)
+            peers["fastreg"] = lambda: fastreg.dropout(cx, DROPOUT_P, rng=gen, out=(y, bits))
+            peers["fastreg_seed"] = lambda: fastreg.dropout(cx, DROPOUT_P, rng=gen, mask="seed",
+                                                            out=(y, None))
+            peers["torch"] = lambda: torch.native_dropout(x, DROPOUT_P, True)
+            return peers
+        M, D = case.shape
+        r = torch.randn(M, D, device="cuda", dtype=tdt, generator=g)
+        w = torch.randn(D, device="cuda", dtype=tdt, generator=g)
+        b = torch.randn(D, device="cuda", dtype=tdt, generator=g)
+        cr, cw, cb = (cupy.from_dlpack(t) for t in (r, w, b))
+        sd = cupy.float32
+        out = (cupy.empty_like(cx), cupy.empty_like(cx), cupy.empty(M, sd), cupy.empty(M, sd))
+        peers["fastreg"] = lambda: fastreg.dropout_add_layer_norm(cx, cr, cw, cb, DROPOUT_P,
+                                                                  rng=gen, out=out)
+        peers["torch"] = lambda: F.layer_norm(F.dropout(x, DROPOUT_P) + r, (D,), w, b, 1e-5)
+        return peers
+
+
+OPS.update({"dropout": Dropout("dropout"),
+            "dropout_add_layer_norm": Dropout("dropout_add_layer_norm")})
+
+
 def select_cases(pattern="*", quick=False):
     return [c for op in OPS.values() for c in op.cases(quick) if fnmatch.fnmatch(c.op, pattern)]
 
@@ -516,6 +601,35 @@ def run_tests(extra=()):
             "skips": [ln for ln in lines if ln.startswith("SKIPPED")]}
 
 
+TORCH_ADAPTER_TESTS = ("tests/test_torch_adapter.py", "tests/test_torch_dropout.py",
+                       "tests/test_torch_optim.py", "tests/test_torch_sync_bn.py")
+
+
+def run_torch_adapter():
+    """The PyTorch adapter on the GPU: its test files (their CUDA cases run where a
+    GPU is) and the digits example with ``--device cuda``; returns the pytest
+    summary and the example's result lines."""
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-ra", *TORCH_ADAPTER_TESTS],
+                          cwd=ROOT, capture_output=True, text=True)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]
+    example = subprocess.run([sys.executable, "examples/torch_convert_digits.py", "--device",
+                              "cuda"], cwd=ROOT, capture_output=True, text=True)
+    out = [ln for ln in example.stdout.splitlines() if ln.strip()]
+    return {"exit_code": proc.returncode, "summary": lines[-1] if lines else "",
+            "example_exit_code": example.returncode,
+            "example": out[-4:] if example.returncode == 0 else example.stderr.splitlines()[-5:]}
+
+
+def run_syncbn_smoke():
+    """The 1-rank NCCL smoke run of fastreg.distributed (bench/syncbn_gpu_smoke.py):
+    its exit code and one line per check."""
+    proc = subprocess.run([sys.executable, "bench/syncbn_gpu_smoke.py"], cwd=ROOT,
+                          capture_output=True, text=True)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]
+    return {"exit_code": proc.returncode,
+            "lines": lines if proc.returncode == 0 or lines else proc.stderr.splitlines()[-5:]}
+
+
 def measure(case, op, torch, cupy, repeat, ceiling):
     gbs, ratio = target_of(case)
     row = {"case": case.name, "op": case.op, "direction": case.direction,
@@ -567,7 +681,14 @@ def format_markdown(result):
            f"copy ceiling {info['copy']['ceiling_gbs']:.0f} GB/s (bytes read + written; "
            f"cudaMemcpyAsync {info['copy']['memcpy_gbs']:.0f}, copy kernel "
            f"{info['copy']['copy_kernel_gbs']:.0f})",
-           f"GPU tests: {info['tests']['summary'] or 'not run'}", "",
+           f"GPU tests: {info['tests']['summary'] or 'not run'}",
+           *([f"PyTorch adapter tests: {info['torch_adapter']['summary']}",
+              "digits example, fastreg.torch.convert on CUDA: "
+              + " / ".join(info["torch_adapter"]["example"])]
+             if info.get("torch_adapter") else []),
+           *([f"sync batch norm, 1-rank NCCL smoke run (exit {smoke['exit_code']}): "
+              + " / ".join(smoke["lines"])] if (smoke := info.get("syncbn_smoke")) else []),
+           "",
            "| case | MB | fastreg ms | GB/s | % copy | target | "
            + " | ".join(f"{p} ms | {p} GB/s | x {p}" for p in peers) + " |",
            "|---|---:|---:|---:|---:|---:|" + "---:|---:|---:|" * len(peers)]
@@ -587,6 +708,10 @@ def format_markdown(result):
         out.append("| " + " | ".join(cells) + " |")
     out += ["", "GB/s counts the minimal bytes (each input read once, each output written "
             "once); x peer = peer ms / fastreg ms (> 1: fastreg faster)."]
+    if any(r.get("op") == "dropout" for r in rows):
+        out += ["", "Dropout mask kept per element: " + ", ".join(
+            f"{peer} {b:g} B" for peer, b in MASK_BYTES_PER_ELEMENT.items())
+            + " (fastreg_seed: the mask regenerated in the backward)."]
     return "\n".join(out) + "\n"
 
 
@@ -614,6 +739,10 @@ def main(argv=None):
     p.add_argument("--ops", default="*", help="fnmatch pattern of op names")
     p.add_argument("--repeat", type=int, default=30, help="samples per peer")
     p.add_argument("--skip-tests", action="store_true", help="do not run pytest -m gpu")
+    p.add_argument("--skip-torch-adapter", action="store_true",
+                   help="do not run the PyTorch adapter's tests and digits example on the GPU")
+    p.add_argument("--skip-syncbn", action="store_true",
+                   help="do not run the 1-rank NCCL smoke run of fastreg.distributed")
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = p.parse_args(argv)
     import cupy
@@ -622,6 +751,13 @@ def main(argv=None):
     print(f"GPU tests: {tests['summary']}", flush=True)
     info = machine_info(cupy, torch)
     info["tests"] = tests
+    if not args.skip_torch_adapter:
+        info["torch_adapter"] = run_torch_adapter()
+        print(f"PyTorch adapter tests: {info['torch_adapter']['summary']}", flush=True)
+        print("\n".join(info["torch_adapter"]["example"]), flush=True)
+    if not args.skip_syncbn:
+        info["syncbn_smoke"] = run_syncbn_smoke()
+        print("\n".join(info["syncbn_smoke"]["lines"]), flush=True)
     info["copy"] = copy_ceiling(cupy)
     print(f"{info['device']}: copy ceiling {info['copy']['ceiling_gbs']:.0f} GB/s", flush=True)
     rows = []

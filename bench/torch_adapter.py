@@ -15,14 +15,26 @@ Two tables (markdown):
    preallocated outputs; the difference is what the adapter adds per call
    (checks, views, PyTorch-allocated outputs, autograd bookkeeping).
 
+3. The dropout family (``--only dropout``): a training step (forward +
+   backward) of ``fastreg.torch.Dropout`` (1-bit and zero-byte masks) and
+   ``DropoutAddLayerNorm`` against ``nn.Dropout`` and PyTorch's unfused
+   ``LayerNorm(residual + dropout(x))``, and their eval forwards.
+4. Optimizers (``--only optim``): one ``step()`` of ``fastreg.torch.optim``'s
+   SGD (momentum) and AdamW against ``torch.optim``'s default (a loop over
+   tensors on the CPU), ``foreach=True`` and ``fused=True``, at a few
+   parameter counts; gradients set once, the step alone timed.
+
 ``THP_MEM_ALLOC_ENABLE=1`` is set before torch is imported: PyTorch's CPU
 allocator then uses transparent huge pages for large tensors, which cuts the
 page faults of fresh outputs (both sides allocate through it).
+``OMP_WAIT_POLICY=PASSIVE`` likewise, unless set: PyTorch's and Numba's
+OpenMP pools otherwise spin on each other's cores.
 """
 
 import os
 
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # must precede the torch import
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch and numba load OpenMP
 
 import argparse  # noqa: E402
 import copy  # noqa: E402
@@ -181,21 +193,125 @@ def overhead(repeats):
               f"{(tr - dstep) * 1e6:.1f} | {tref * 1e6:.1f} |")
 
 
+# --------------------------------------------------------------------------- dropout family
+
+def _dal_torch(p):
+    norm = nn.LayerNorm(768)
+
+    def run(x, r):
+        s = r + nn.functional.dropout(x, p, norm.training)
+        return norm(s), s
+    run.module = norm
+    return run
+
+
+def dropout_family(repeats, quick):
+    shape = (16, 128, 768) if quick else (32, 128, 768)
+    p = 0.1
+    x = torch.randn(shape, requires_grad=True)
+    r = torch.randn(shape, requires_grad=True)
+    gy, gs = torch.randn(shape), torch.randn(shape)
+    drop = [("nn.Dropout", nn.Dropout(p)), ("fastreg Dropout, 1-bit mask", ft.Dropout(p)),
+            ("fastreg Dropout, 0-byte mask", ft.Dropout(p, mask="seed"))]
+    torch_dal = _dal_torch(p)
+    dal = [("LayerNorm(r + dropout(x)), PyTorch", torch_dal),
+           ("DropoutAddLayerNorm, 0-byte mask", ft.DropoutAddLayerNorm(768, p=p, prenorm=True)),
+           ("DropoutAddLayerNorm, 1-bit mask", ft.DropoutAddLayerNorm(768, p=p, prenorm=True,
+                                                                      mask="bits"))]
+
+    def drop_train(m):
+        def step():
+            x.grad = None
+            m(x).backward(gy)
+        return step
+
+    def dal_train(m):
+        def step():
+            x.grad = r.grad = None
+            torch.autograd.backward(m(x, r), (gy, gs))
+        return step
+
+    def evaluate(m, *args):
+        def step():
+            with torch.no_grad():
+                m(*args)
+        return step
+
+    rows = []
+    for label, table, train_fn, args in (("dropout", drop, drop_train, (x,)),
+                                         ("dropout+add+LN", dal, dal_train, (x, r))):
+        mods = [m for _, m in table]
+        train_times = _round_robin([train_fn(m) for m in mods], repeats)
+        for m in mods:
+            getattr(m, "module", m).eval()
+        eval_times = _round_robin([evaluate(m, *args) for m in mods], repeats)
+        for m in mods:
+            getattr(m, "module", m).train()
+        for (name, _), tt, et in zip(table, train_times, eval_times):
+            rows.append((label, name, tt, et, train_times[0] / tt, eval_times[0] / et))
+    print(f"\n| op, {'x'.join(map(str, shape))} float32, p={p} | implementation | "
+          "train fwd+bwd ms | x PyTorch | eval fwd ms | x PyTorch |")
+    print("|---|---|---|---|---|---|")
+    for label, name, tt, et, rt, re in rows:
+        print(f"| {label} | {name} | {tt * 1e3:.2f} | {rt:.2f} | {et * 1e3:.2f} | {re:.2f} |")
+
+
+# --------------------------------------------------------------------------- optimizers
+
+def optimizers(repeats, quick):
+    sizes = [(10, 10_000), (100, 10_000), (10, 1_000_000)]
+    if quick:
+        sizes = sizes[:2]
+    kinds = [("SGD momentum=0.9", torch.optim.SGD, ft.optim.SGD, dict(lr=0.01, momentum=0.9)),
+             ("AdamW", torch.optim.AdamW, ft.optim.AdamW, dict(lr=1e-3)),
+             ("AdamW amsgrad", torch.optim.AdamW, ft.optim.AdamW, dict(lr=1e-3, amsgrad=True))]
+    print("\n| optimizer | tensors x elements | torch default ms | foreach | fused | "
+          "fastreg | fastreg l1 | x default | x foreach | x fused |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for label, torch_cls, ours_cls, kw in kinds:
+        for count, numel in sizes:
+            torch.manual_seed(0)
+            base = [torch.randn(numel) for _ in range(count)]
+            grads = [torch.randn(numel) * 1e-2 for _ in range(count)]
+
+            def make(cls, **extra):
+                params = [torch.nn.Parameter(b.clone()) for b in base]
+                for p_, g_ in zip(params, grads):
+                    p_.grad = g_.clone()
+                opt = cls(params, **kw, **extra)
+                return opt.step
+            steps = [make(torch_cls), make(torch_cls, foreach=True), make(torch_cls, fused=True),
+                     make(ours_cls), make(ours_cls, l1=1e-4)]
+            t = _round_robin(steps, repeats, inner=1 if numel * count > 5e6 else 5)
+            print(f"| {label} | {count} x {numel} | {t[0] * 1e3:.3f} | {t[1] * 1e3:.3f} | "
+                  f"{t[2] * 1e3:.3f} | {t[3] * 1e3:.3f} | {t[4] * 1e3:.3f} | "
+                  f"{t[0] / t[3]:.2f} | {t[1] / t[3]:.2f} | {t[2] / t[3]:.2f} |")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--quick", action="store_true", help="a few shapes only")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch.set_num_threads (Numba: set NUMBA_NUM_THREADS)")
+    parser.add_argument("--only", choices=["norm", "dropout", "optim"], action="append",
+                        help="run only these tables (repeatable); default: all")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    only = set(args.only or ["norm", "dropout", "optim"])
     print(f"torch {torch.__version__}, {torch.get_num_threads()} torch threads, "
           f"NUMBA_NUM_THREADS={os.environ.get('NUMBA_NUM_THREADS', 'default')}, "
-          f"THP_MEM_ALLOC_ENABLE={os.environ['THP_MEM_ALLOC_ENABLE']}, {os.cpu_count()} CPUs, "
+          f"THP_MEM_ALLOC_ENABLE={os.environ['THP_MEM_ALLOC_ENABLE']}, "
+          f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}, {os.cpu_count()} CPUs, "
           f"load average {os.getloadavg()[0]:.1f}, medians of {args.repeats}")
-    realistic(args.repeats, args.quick)
-    overhead(args.repeats)
+    if "norm" in only:
+        realistic(args.repeats, args.quick)
+        overhead(args.repeats)
+    if "dropout" in only:
+        dropout_family(args.repeats, args.quick)
+    if "optim" in only:
+        optimizers(args.repeats, args.quick)
 
 
 if __name__ == "__main__":

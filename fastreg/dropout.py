@@ -24,7 +24,12 @@ Conventions shared by every function here:
 - ``out=`` takes preallocated outputs (a tuple like the returned arrays);
   inputs are never modified. The masks returned are small objects, not
   arrays: :class:`DropoutMask` and :class:`GaussianMask`.
-- dtypes: float32 and float64 on the CPU.
+- dtypes: float32 and float64 on the CPU (NumPy arrays); float16, bfloat16,
+  float32 and float64 on the GPU (CuPy arrays) and its host emulation
+  (backend "cuda_emulator"). The keep decisions never depend on the dtype;
+  16-bit values compute in float32 and round once to the dtype, so dropout's
+  y (and the fused op's residual sum) round as the reference does in the
+  dtype, bit for bit.
 """
 
 from __future__ import annotations
@@ -98,9 +103,11 @@ class DropoutMask:
         return 0 if self.bits is None else int(self.bits.nbytes)
 
     def to_bool(self, *, backend=None):
-        """The mask as a boolean array of ``shape`` (True = kept)."""
+        """The mask as a boolean array of ``shape`` (True = kept): a CuPy array for
+        bits held on the GPU, else a NumPy array (a "seed" mask is regenerated on
+        the CPU: the same bits as on every backend)."""
         impl = _backend.select("dropout", self.bits, backend=backend, caller="DropoutMask.to_bool")
-        out = np.empty(self.shape, bool)
+        out = _backend.empty(self.shape, bool, inputs={"bits": self.bits})
         impl.keep_mask(self.bits, self.seed or 0, self.offset or 0, self.threshold, out)
         return out
 
@@ -234,7 +241,7 @@ def dropout(x, p, *, rng=None, training=True, mode="inverted", mask="bits", out=
     out : tuple ``(y, bits)``, optional
         ``y`` like x; ``bits`` a uint32 array of shape ``(ceil(n/32),)`` to
         reuse for ``mask="bits"`` (must be None otherwise).
-    backend : None, "cpu" or "reference"
+    backend : None, "cpu", "reference", "cuda" or "cuda_emulator"
 
     Returns
     -------

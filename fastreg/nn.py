@@ -15,6 +15,11 @@ them to keep them. Inputs are not modified.
 >>> model = Sequential(Linear(64, 32, rng=rng), LayerNorm(32), ReLU(), Linear(32, 10, rng=rng))
 >>> logits = model.forward(x, training=True)
 >>> dx = model.backward(dlogits)            # fills model.grads
+
+The random layers (``Dropout``, ``GaussianNoise``, ``DropConnectLinear``) own
+a :class:`fastreg.random.Generator` and advance it by the Philox blocks each
+training call uses, so a run started from the same seeds draws the same masks
+(on every backend, at any thread count). Inference draws nothing.
 """
 
 from __future__ import annotations
@@ -26,9 +31,14 @@ import numpy as np
 from . import _checks
 from . import norm as _norm
 from . import prox as _prox
+from . import random as _random
+# the package re-exports the function ``dropout`` under the submodule's name
+from .dropout import (_BITS, _MASK_KINDS, _MODES, _nwords, drop_connect, drop_connect_backward,
+                      dropout, dropout_backward, gaussian_noise)
 
 __all__ = ["Module", "Linear", "ReLU", "LayerNorm", "RMSNorm", "BatchNorm1d", "BatchNorm2d",
-           "GroupNorm", "Sequential", "SGD", "AdamW", "EarlyStopping"]
+           "GroupNorm", "Dropout", "GaussianNoise", "DropConnectLinear", "Sequential",
+           "SGD", "AdamW", "MaxNorm", "CrossEntropyLoss", "EarlyStopping"]
 
 
 class Module:
@@ -110,6 +120,20 @@ def _positive_int(name, value, caller):
     return _checks.integer(name, value, caller=caller, ge=1)
 
 
+def _philox(rng, caller):
+    """The Philox generator a random layer owns and advances.
+
+    A ``fastreg.random.Generator`` is used as is (shared with whoever else
+    holds it); an int seeds ``Generator(seed, 0)``; a NumPy Generator gives a
+    seed (one draw); None takes a fresh seed from the OS (not reproducible).
+    """
+    if rng is None:
+        return _random.Generator(np.random.SeedSequence().entropy % _random.SEED_LIMIT)
+    if isinstance(rng, np.random.Generator):
+        return _random.Generator(int(rng.integers(0, _random.SEED_LIMIT, dtype=np.uint64)))
+    return _random.check_rng(rng, caller)
+
+
 # --------------------------------------------------------------------------- Linear, ReLU
 
 class Linear(Module):
@@ -118,23 +142,25 @@ class Linear(Module):
 
     def __init__(self, in_features, out_features, bias=True, *, rng=None, dtype=np.float32):
         super().__init__()
-        caller = "Linear"
+        self._init_weights("Linear", in_features, out_features, bias, _generator(rng), dtype)
+        self._saved = None
+
+    def _init_weights(self, caller, in_features, out_features, bias, gen, dtype):
         self.in_features = _positive_int("in_features", in_features, caller)
         self.out_features = _positive_int("out_features", out_features, caller)
         dt = _dtype(dtype, caller)
-        gen = _generator(rng)
         bound = 1.0 / math.sqrt(self.in_features)
         self._add_param("weight", gen.uniform(-bound, bound, (self.out_features,
                                                               self.in_features)).astype(dt))
         if bias:
             self._add_param("bias", gen.uniform(-bound, bound, self.out_features).astype(dt))
-        self._saved = None
 
     def _check_input(self, x):
         w = self.params["weight"]
-        _checks.array("x", x, caller="Linear.forward", dtypes=(w.dtype,), min_ndim=1)
+        caller = f"{type(self).__name__}.forward"
+        _checks.array("x", x, caller=caller, dtypes=(w.dtype,), min_ndim=1)
         if x.shape[-1] != self.in_features:
-            raise ValueError(f"Linear.forward: 'x' must have {self.in_features} features in its "
+            raise ValueError(f"{caller}: 'x' must have {self.in_features} features in its "
                              f"last axis, got shape {x.shape}.")
 
     def forward(self, x, training=True):
@@ -377,6 +403,139 @@ class GroupNorm(_Affine):
                                          axis=self.axis, out=self._grad_out(dx))[0]
 
 
+# --------------------------------------------------------------------------- random layers
+
+class Dropout(Module):
+    """Dropout (``fastreg.dropout``): zero each element with probability ``p`` in training.
+
+    ``mode="inverted"`` scales the kept elements by ``1 / (1 - p)`` in training
+    and is the identity at inference; ``mode="weight_scaling"`` trains
+    unscaled and multiplies by ``1 - p`` at inference (Srivastava et al.).
+    ``mask="bits"`` keeps 1 bit per element for the backward (a reused
+    buffer of ``ceil(n / 32)`` uint32 words); ``mask="seed"`` keeps nothing
+    and the backward regenerates the mask from its stream position.
+
+    ``rng``: a ``fastreg.random.Generator`` (used and advanced), an int seed
+    (the layer's own ``Generator(seed, 0)``), a NumPy Generator (one seed is
+    drawn from it) or None (a fresh seed). Each training call advances
+    ``self.rng`` by ``ceil(x.size / 4)`` blocks, so every step draws a new
+    mask and a run is reproducible from its seed. ``last_mask`` is the
+    ``DropoutMask`` of the latest forward.
+    """
+
+    def __init__(self, p=0.5, mode="inverted", mask="bits", *, rng=None):
+        super().__init__()
+        caller = "Dropout"
+        self.p = _checks.scalar("p", p, caller=caller, ge=0, le=1)
+        self.mode = _checks.choice("mode", mode, caller=caller, choices=_MODES)
+        self.mask = _checks.choice("mask", mask, caller=caller, choices=_MASK_KINDS)
+        self.rng = _philox(rng, caller)
+        self._saved = None
+
+    @property
+    def last_mask(self):
+        return self._saved
+
+    def forward(self, x, training=True):
+        training = _checks.flag("training", training, caller="Dropout.forward")
+        y = self._buffer("y", x.shape, x.dtype)
+        bits = (self._buffer("bits", (_nwords(x.size),), _BITS)
+                if training and self.mask == "bits" else None)
+        y, self._saved = dropout(x, self.p, rng=self.rng, training=training, mode=self.mode,
+                                 mask=self.mask, out=(y, bits))
+        return y
+
+    def backward(self, dy):
+        self._need_forward()
+        dx = self._buffer("dx", np.shape(dy), np.asarray(dy).dtype)
+        return dropout_backward(dy, self._saved, out=dx)
+
+
+class GaussianNoise(Module):
+    """Additive Gaussian noise (``fastreg.gaussian_noise``): ``y = x + std * z`` in training,
+    ``y = x`` at inference; the backward is the identity (``dx = dy``, copied).
+
+    ``rng`` as in :class:`Dropout`; each training call advances ``self.rng``
+    by ``ceil(x.size / 4)`` blocks.
+    """
+
+    def __init__(self, std, *, rng=None):
+        super().__init__()
+        self.std = _checks.scalar("std", std, caller="GaussianNoise", ge=0)
+        self.rng = _philox(rng, "GaussianNoise")
+        self._saved = None
+
+    def forward(self, x, training=True):
+        training = _checks.flag("training", training, caller="GaussianNoise.forward")
+        y = self._buffer("y", x.shape, x.dtype)
+        gaussian_noise(x, self.std, rng=self.rng, training=training, out=y)
+        self._saved = x.shape
+        return y
+
+    def backward(self, dy):
+        self._need_forward()
+        dy = np.asarray(dy)
+        if dy.shape != self._saved:
+            raise ValueError(f"GaussianNoise.backward: 'dy' must have the forward's shape "
+                             f"{self._saved}, got {dy.shape}.")
+        dx = self._buffer("dx", dy.shape, dy.dtype)
+        np.copyto(dx, dy)
+        return dx
+
+
+class DropConnectLinear(Linear):
+    """A Linear layer with DropConnect (``fastreg.drop_connect``): in training each weight
+    is dropped with probability ``p`` (the bias is not), one mask per batch or, with
+    ``per_example=True``, one per sample (Wan et al. 2013).
+
+    ``mode="inverted"`` scales kept weights by ``1 / (1 - p)`` and uses
+    ``weight`` at inference; ``"weight_scaling"`` trains unscaled and uses
+    ``(1 - p) * weight`` at inference. The mask is never stored: the backward
+    regenerates it from its stream position.
+
+    ``rng`` initialises the weights as :class:`Linear` does (int, NumPy
+    Generator or None); ``mask_rng`` is the Philox generator of the masks
+    (as ``rng`` of :class:`Dropout`; default: a seed drawn from the
+    initialisation generator after the weights, so one int seeds both). Each
+    training call advances it by ``ceil(out * in / 4)`` blocks
+    (``ceil(N * out * in / 4)`` per example).
+    """
+
+    def __init__(self, in_features, out_features, p=0.5, bias=True, per_example=False, *,
+                 rng=None, mask_rng=None, mode="inverted", dtype=np.float32):
+        Module.__init__(self)
+        caller = "DropConnectLinear"
+        gen = _generator(rng)
+        self._init_weights(caller, in_features, out_features, bias, gen, dtype)
+        self.p = _checks.scalar("p", p, caller=caller, ge=0, le=1)
+        self.per_example = _checks.flag("per_example", per_example, caller=caller)
+        self.mode = _checks.choice("mode", mode, caller=caller, choices=_MODES)
+        self.mask_rng = _philox(gen if mask_rng is None else mask_rng, caller)
+        self._saved = None
+
+    def forward(self, x, training=True):
+        self._check_input(x)
+        training = _checks.flag("training", training, caller="DropConnectLinear.forward")
+        w = self.params["weight"]
+        y = self._buffer("y", x.shape[:-1] + (self.out_features,), w.dtype)
+        y, mask = drop_connect(x, w, self.params.get("bias"), self.p, rng=self.mask_rng,
+                               per_example=self.per_example, training=training, mode=self.mode,
+                               out=y)
+        self._saved = (x, mask)
+        return y
+
+    def backward(self, dy):
+        self._need_forward()
+        x, mask = self._saved
+        w = self.params["weight"]
+        dbias = self.grads.get("bias")
+        if dbias is None:                       # the kernel always reduces dbias
+            dbias = self._buffer("dbias", (self.out_features,), w.dtype)
+        dx = self._buffer("dx", x.shape, w.dtype)
+        drop_connect_backward(np.asarray(dy), x, w, mask, out=(dx, self.grads["weight"], dbias))
+        return dx
+
+
 # --------------------------------------------------------------------------- containers
 
 class Sequential(Module):
@@ -418,20 +577,48 @@ class Sequential(Module):
 
 class _Optimizer:
     """Updates ``model.params`` in place from ``model.grads`` with one fused call over
-    every parameter (the list forms of ``fastreg.sgd_step`` / ``adam_step``)."""
+    the chosen parameters (the list forms of ``fastreg.sgd_step`` / ``adam_step``).
 
-    def __init__(self, model, lr, caller):
+    ``names`` picks the parameters (default: all of ``model.params``), so two
+    optimizers over disjoint names act as PyTorch's parameter groups (e.g.
+    decay on the weights only). ``constraints`` are objects with an
+    ``apply()`` method (:class:`MaxNorm`), applied in order after each step.
+    """
+
+    def __init__(self, model, lr, caller, names=None, constraints=()):
         if not isinstance(model, Module):
             raise TypeError(f"{caller}: 'model' must be a fastreg.nn.Module, got "
                             f"{type(model).__name__}.")
         self.model = model
-        self.names = list(model.params)
+        self.names = _param_names(model, names, caller)
         self.lr = _checks.scalar("lr", lr, caller=caller, ge=0)
+        self.constraints = list(constraints)
+        for i, c in enumerate(self.constraints):
+            if not callable(getattr(c, "apply", None)):
+                raise TypeError(f"{caller}: 'constraints[{i}]' must have an apply() method "
+                                f"(e.g. fastreg.nn.MaxNorm), got {type(c).__name__}.")
         self.steps = 0
 
     def _lists(self):
         return ([self.model.params[k] for k in self.names],
                 [self.model.grads[k] for k in self.names])
+
+    def _constrain(self):
+        for c in self.constraints:
+            c.apply()
+
+
+def _param_names(model, names, caller):
+    if names is None:
+        return list(model.params)
+    names = [names] if isinstance(names, str) else list(names)
+    unknown = [k for k in names if k not in model.params]
+    if unknown:
+        raise ValueError(f"{caller}: 'names' must name parameters of the model "
+                         f"({', '.join(model.params)}), got unknown {unknown}.")
+    if len(set(names)) != len(names):
+        raise ValueError(f"{caller}: 'names' must not repeat a parameter, got {names}.")
+    return names
 
 
 class SGD(_Optimizer):
@@ -441,12 +628,14 @@ class SGD(_Optimizer):
     ``torch.optim.SGD``); ``decoupled_weight_decay`` shrinks the weights by
     ``1 - lr * decoupled_weight_decay`` each step; ``l1 > 0`` soft-thresholds
     the weights by ``lr * l1`` after the step, which leaves exact zeros. One
-    pass over every parameter (``fastreg.sgd_step`` on the list).
+    pass over the parameters (``fastreg.sgd_step`` on the list); ``names`` and
+    ``constraints`` as described in ``_Optimizer``.
     """
 
     def __init__(self, model, lr, momentum=0.0, dampening=0.0, nesterov=False,
-                 weight_decay=0.0, decoupled_weight_decay=0.0, l1=0.0):
-        super().__init__(model, lr, "SGD")
+                 weight_decay=0.0, decoupled_weight_decay=0.0, l1=0.0, *, names=None,
+                 constraints=()):
+        super().__init__(model, lr, "SGD", names, constraints)
         self.momentum = _checks.scalar("momentum", momentum, caller="SGD", ge=0)
         self.dampening = dampening
         self.nesterov = nesterov
@@ -463,6 +652,7 @@ class SGD(_Optimizer):
                        decoupled_weight_decay=self.decoupled_weight_decay, l1=self.l1,
                        momentum_buffer=self.buffers, first_step=self.steps == 0)
         self.steps += 1
+        self._constrain()
 
 
 class AdamW(_Optimizer):
@@ -475,11 +665,13 @@ class AdamW(_Optimizer):
     with L2, whose effective decay is then rescaled per weight by Adam's
     denominator). Give one of the two: the fused step applies one kind of
     decay. ``l1 > 0`` soft-thresholds by ``lr * l1`` after the step.
+    ``names`` and ``constraints`` as described in ``_Optimizer``.
     """
 
     def __init__(self, model, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
-                 decoupled_weight_decay=0.01, l1=0.0, amsgrad=False):
-        super().__init__(model, lr, "AdamW")
+                 decoupled_weight_decay=0.01, l1=0.0, amsgrad=False, *, names=None,
+                 constraints=()):
+        super().__init__(model, lr, "AdamW", names, constraints)
         wd = _checks.scalar("weight_decay", weight_decay, caller="AdamW", ge=0)
         dwd = _checks.scalar("decoupled_weight_decay", decoupled_weight_decay, caller="AdamW",
                              ge=0)
@@ -502,6 +694,84 @@ class AdamW(_Optimizer):
                         betas=self.betas, eps=self.eps, weight_decay=self.decay,
                         decoupled_weight_decay=self.decoupled, amsgrad=self.amsgrad,
                         max_exp_avg_sq=self.max_exp_avg_sq, l1=self.l1)
+        self._constrain()
+
+
+class MaxNorm:
+    """Max-norm constraint (``fastreg.max_norm``, Keras's ``MaxNorm``), applied in place.
+
+    ``apply()`` rescales, for each chosen parameter, every group whose L2 norm
+    exceeds ``max_value``: ``w_g <- w_g * min(n, max_value) / (n + eps)``.
+    Pass it to an optimizer's ``constraints`` to apply it after each step
+    (Srivastava et al. 2014 pair it with dropout). ``axis=1`` makes a group
+    of each output unit's incoming weights in the ``(out, in)`` layout of
+    :class:`Linear`. ``names`` defaults to the model's 2-D parameters named
+    ``weight`` (the Linear and DropConnectLinear weights; norm-layer gains are
+    1-D and left alone).
+    """
+
+    def __init__(self, model, max_value, *, names=None, axis=1, eps=1e-7):
+        caller = "MaxNorm"
+        if not isinstance(model, Module):
+            raise TypeError(f"{caller}: 'model' must be a fastreg.nn.Module, got "
+                            f"{type(model).__name__}.")
+        self.max_value = _checks.scalar("max_value", max_value, caller=caller, gt=0)
+        self.eps = _checks.scalar("eps", eps, caller=caller, ge=0)
+        if names is None:
+            names = [k for k, v in model.params.items()
+                     if k.rsplit(".", 1)[-1] == "weight" and v.ndim == 2]
+        self.names = _param_names(model, names, caller)
+        self.axis = axis
+        for k in self.names:
+            _checks.axes("axis", axis, caller=caller, ndim=model.params[k].ndim)
+        self.params = [model.params[k] for k in self.names]
+
+    def apply(self):
+        for w in self.params:
+            _prox.max_norm(w, self.max_value, axis=self.axis, eps=self.eps, out=w)
+
+
+class CrossEntropyLoss:
+    """Softmax cross-entropy with label smoothing and its gradient
+    (``fastreg.cross_entropy_label_smoothing``), into reused buffers.
+
+    ``loss, dlogits = CrossEntropyLoss(smoothing=0.1)(logits, target)`` with
+    logits ``(..., K)`` and integer targets ``(...)``. ``style="uniform"``
+    (PyTorch): the target distribution is ``(1 - s) * onehot + s / K``;
+    ``"others"``: ``1 - s`` on the target and ``s / (K - 1)`` on each other
+    class. ``loss`` is a float for ``reduction="mean"``/``"sum"`` and the
+    per-row array for ``"none"``; ``dlogits`` (logits' shape) is the gradient
+    of the loss (of its sum for ``"none"``) and is overwritten by the next call.
+    """
+
+    def __init__(self, smoothing=0.0, style="uniform", reduction="mean", ignore_index=None):
+        caller = "CrossEntropyLoss"
+        self.smoothing = _checks.scalar("smoothing", smoothing, caller=caller, ge=0, le=1)
+        self.style = _checks.choice("style", style, caller=caller, choices=_prox._STYLES)
+        self.reduction = _checks.choice("reduction", reduction, caller=caller,
+                                        choices=_prox._REDUCTIONS)
+        self.ignore_index = ignore_index
+        self._cache = {}
+
+    _buffer = Module._buffer
+
+    def __call__(self, logits, target):
+        if getattr(logits, "ndim", 0) < 1:
+            raise ValueError("CrossEntropyLoss: 'logits' must be an array (..., K), got "
+                             f"{type(logits).__name__} of shape {np.shape(logits)}.")
+        K = logits.shape[-1]
+        z = logits.reshape(-1, K)
+        t = np.asarray(target).reshape(-1)
+        loss = self._buffer("loss", (z.shape[0],) if self.reduction == "none" else (),
+                            z.dtype)
+        dz = self._buffer("dlogits", z.shape, z.dtype)
+        _prox.cross_entropy_label_smoothing(z, t, smoothing=self.smoothing,
+                                            reduction=self.reduction,
+                                            ignore_index=self.ignore_index, style=self.style,
+                                            out=(loss, dz))
+        if self.reduction == "none":
+            return loss.reshape(logits.shape[:-1]), dz.reshape(logits.shape)
+        return float(loss), dz.reshape(logits.shape)
 
 
 # --------------------------------------------------------------------------- early stopping

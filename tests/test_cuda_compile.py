@@ -16,6 +16,7 @@ import pytest
 
 import _nvrtc
 from fastreg.cuda import _batch_norm, _group_norm, _source
+from fastreg.cuda import dropout as cuda_dropout
 from fastreg.cuda import norm as cuda_norm
 from fastreg.cuda import prox as cuda_prox
 
@@ -25,7 +26,7 @@ HERE = pathlib.Path(__file__).resolve().parent
 ARCH = "sm_90"
 # kernel module -> the launcher module that names its kernels
 MODULES = {"norm": cuda_norm, "batch_norm": _batch_norm, "group_norm": _group_norm,
-           "prox": cuda_prox}
+           "prox": cuda_prox, "dropout": cuda_dropout}
 
 
 @pytest.fixture(scope="module")

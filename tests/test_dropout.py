@@ -698,13 +698,6 @@ def _x():
      TypeError, r"dropout_add_layer_norm_backward: 'dresidual_sum' must be of dtype float32"),
     (lambda: fastreg.dropout(_x(), 0.5, rng=1, backend="gpu"), ValueError,
      r"dropout: 'backend' must be one of"),
-    (lambda: fastreg.dropout(_x(), 0.5, rng=1, backend="cuda_emulator"), RuntimeError,
-     r"dropout: the 'cuda_emulator' backend does not implement dropout"),
-    (lambda: fastreg.dropout_add_layer_norm(_x(), _x(), None, None, 0.5, rng=1,
-                                            backend="cuda_emulator"), RuntimeError,
-     r"dropout_add_layer_norm: the 'cuda_emulator' backend does not implement"),
-    (lambda: fastreg.random.normal(3, rng=1, backend="cuda_emulator"), RuntimeError,
-     r"normal: the 'cuda_emulator' backend does not implement normal"),
 ])
 def test_bad_arguments_raise_naming_the_function_and_argument(call, exc, match):
     with pytest.raises(exc, match=match):

@@ -128,6 +128,38 @@ def test_prox_cases_are_the_issue_targets():
             assert gpu_check.OPS[op].nbytes(case) > 100e6, case  # well past the 50 MB L2
 
 
+@pytest.mark.skipif(_emulator.compiler() is None, reason="no C++ compiler (g++ or $CXX) for "
+                                                        "the CUDA host emulation")
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_dropout_byte_counts_are_the_arrays_read_and_written(dtype):
+    dt, be = NP_DTYPES[dtype], "cuda_emulator"
+    x = np.ones(100, dt)
+    y, m = fastreg.dropout(x, 0.1, rng=1, backend=be)
+    assert gpu_check.dropout_bytes("dropout", (100,), dtype) == x.nbytes + y.nbytes + m.nbytes
+    M, D = 6, 10
+    x, r, w, b = np.ones((M, D), dt), np.ones((M, D), dt), np.ones(D, dt), np.ones(D, dt)
+    outs = fastreg.dropout_add_layer_norm(x, r, w, b, 0.1, rng=1, backend=be)
+    assert outs[4].nbytes == 0
+    assert gpu_check.dropout_bytes("dropout_add_layer_norm", (M, D), dtype) == \
+        sum(a.nbytes for a in (x, r, w, b, *outs[:4]))
+
+
+def test_dropout_cases_are_the_issue_targets():
+    cases = [c for c in gpu_check.select_cases("dropout*")]
+    assert {(c.op, c.dtype) for c in cases} == {
+        (op, dt) for op in ("dropout", "dropout_add_layer_norm") for dt in ("float32", "bfloat16")}
+    by_name = {c.name: gpu_check.target_of(c) for c in cases}
+    assert by_name["dropout_fwd 67108864 float32"] == (2700, None)
+    assert by_name["dropout_add_layer_norm_fwd 32768x1024 bfloat16"] == (None, 2.5)
+    for c in cases:
+        assert gpu_check.OPS[c.op].nbytes(c) > 100e6, c   # well past the 50 MB L2
+    md = gpu_check.format_markdown({"info": _result()["info"], "rows": [
+        {"case": "dropout_fwd 67108864 float32", "op": "dropout", "bytes": 545e6,
+         "target_gbs": 2700, "peers": {"fastreg": {"ms": 0.2, "gbs": 2725.0, "pct_copy": 90.0},
+                                       "torch": {"ms": 0.3, "gbs": 1816.0, "pct_copy": 60.0}}}]})
+    assert "fastreg 0.125 B, fastreg_seed 0 B, torch 1 B" in md
+
+
 def test_device_slug():
     assert gpu_check.device_slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
     assert gpu_check.device_slug("  ") == "unknown"
@@ -167,6 +199,29 @@ def test_report_lists_speedups_and_errors():
     line = next(ln for ln in md.splitlines() if ln.startswith("| batch_norm_fwd"))
     cells = dict(zip(header, [c.strip() for c in line.strip("|").split("|")]))
     assert cells["target"] == "x2 torch" and cells["x torch"] == "2.40"
+
+
+def test_report_shows_the_torch_adapter_run():
+    result = _result()
+    result["info"]["torch_adapter"] = {
+        "exit_code": 0, "summary": "250 passed in 60.0s", "example_exit_code": 0,
+        "example": ["torch    test accuracy 0.99", "fastreg  test accuracy 0.99",
+                    "step time torch / fastreg: 1.30"]}
+    md = gpu_check.format_markdown(result)
+    assert "PyTorch adapter tests: 250 passed" in md
+    assert "fastreg.torch.convert on CUDA: torch    test accuracy 0.99 / " in md
+    assert "step time torch / fastreg: 1.30" in md
+    header = next(ln for ln in md.splitlines() if ln.startswith("| case |"))
+    assert "fastreg ms" in header  # the table follows unchanged
+
+
+def test_report_shows_the_syncbn_smoke_run():
+    result = _result()
+    result["info"]["syncbn_smoke"] = {"exit_code": 0, "lines": ["ok CupyNcclComm allgather",
+                                                                "ok TorchComm allreduce"]}
+    md = gpu_check.format_markdown(result)
+    assert ("1-rank NCCL smoke run (exit 0): ok CupyNcclComm allgather / ok TorchComm "
+            "allreduce") in md
 
 
 def test_command_line_help_needs_no_gpu(capsys):

@@ -5,18 +5,24 @@ state dicts, EarlyStopping exactly as specified, and a short training run."""
 import numpy as np
 import pytest
 
+import fastreg
 from fastreg import nn
 
 
-def _fd_check(layer, x, rng, training=True, n_probe=12, h=1e-6, rtol=1e-6, atol=1e-7):
+def _fd_check(layer, x, rng, training=True, n_probe=12, h=1e-6, rtol=1e-6, atol=1e-7,
+              reset=None):
     """backward(G) against central differences of sum(forward(x) * G), on sampled entries
-    of x and of every parameter."""
+    of x and of every parameter. ``reset()``, when given, runs before every forward (to
+    rewind a random layer's generator, so every forward draws the same mask)."""
+    reset = reset or (lambda: None)
+    reset()
     y = layer.forward(x, training).copy()
     G = rng.standard_normal(y.shape)
     dx = layer.backward(G).copy()
     grads = {k: g.copy() for k, g in layer.grads.items()}
 
     def loss():
+        reset()
         return float(np.sum(layer.forward(x, training) * G))
 
     targets = [("x", x, dx)] + [(k, layer.params[k], grads[k]) for k in layer.params]
@@ -263,7 +269,6 @@ def _fill_grads(model, target):
 
 @pytest.mark.parametrize("kind", ["sgd", "sgd_momentum", "adamw", "adam_l2"])
 def test_optimizers_match_the_step_functions(kind, rng):
-    import fastreg
     model, target = _quadratic_model(rng)
     ws = [model.params["weight"].copy(), model.params["bias"].copy()]
     if kind.startswith("sgd"):
@@ -308,3 +313,312 @@ def test_adamw_rejects_two_kinds_of_decay():
         nn.AdamW(nn.Linear(2, 2), weight_decay=0.1, decoupled_weight_decay=0.1)
     with pytest.raises(TypeError, match="SGD: 'model' must be a fastreg.nn.Module"):
         nn.SGD({"w": np.zeros(3)}, lr=0.1)
+
+
+# --------------------------------------------------------------------------- random layers
+
+def _rewind(layer, attr):
+    """A reset() that puts the layer's generator back where it is now."""
+    state = getattr(layer, attr).state
+    return lambda: setattr(layer, attr, fastreg.random.Generator(*state))
+
+
+@pytest.mark.parametrize("mode", ["inverted", "weight_scaling"])
+@pytest.mark.parametrize("mask", ["bits", "seed"])
+def test_dropout_backward_is_exact_with_a_fixed_mask(mode, mask, rng):
+    p = 0.3
+    layer = nn.Dropout(p, mode=mode, mask=mask, rng=int(rng.integers(2**63)))
+    x = rng.standard_normal((7, 13))
+    reset = _rewind(layer, "rng")
+    y = layer.forward(x).copy()
+    keep = layer.last_mask.to_bool()
+    assert 0 < keep.sum() < keep.size
+    scale = 1 / (1 - p) if mode == "inverted" else 1.0
+    np.testing.assert_array_equal(y, x * keep * scale)
+    dy = rng.standard_normal(x.shape)
+    np.testing.assert_array_equal(layer.backward(dy), dy * keep * scale)
+    _fd_check(layer, x, rng, reset=reset)
+
+
+@pytest.mark.parametrize("mode", ["inverted", "weight_scaling"])
+def test_dropout_inference_scales_by_mode_and_draws_nothing(mode, rng):
+    p = 0.25
+    layer = nn.Dropout(p, mode=mode, rng=5)
+    x = rng.standard_normal((4, 9)).astype(np.float32)
+    dy = rng.standard_normal((4, 9)).astype(np.float32)
+    y = layer.forward(x, training=False)
+    expect = x if mode == "inverted" else x * np.float32(1 - p)
+    np.testing.assert_array_equal(y, expect)
+    np.testing.assert_array_equal(layer.backward(dy),
+                                  dy if mode == "inverted" else dy * np.float32(1 - p))
+    assert layer.rng.offset == 0, "inference draws no random numbers"
+    # the expected training output equals the inference output (averaged over masks)
+    layer.p, draws = 0.5, 50
+    mean = np.mean([layer.forward(np.ones((64, 64)), training=True).mean()
+                    for _ in range(draws)])
+    at_inference = layer.forward(np.ones((64, 64)), training=False).mean()
+    sd = (1.0 if mode == "inverted" else 0.5) / np.sqrt(draws * 64 * 64)   # of the mean
+    assert abs(mean - at_inference) < 5 * sd
+
+
+def test_gaussian_noise_adds_the_stream_normals_and_is_the_identity_at_inference(rng):
+    layer = nn.GaussianNoise(0.2, rng=fastreg.random.Generator(77, 10))
+    x = rng.standard_normal((6, 5))
+    y = layer.forward(x)
+    z = fastreg.random.normal(x.shape, rng=fastreg.random.Generator(77, 10), dtype=np.float64)
+    np.testing.assert_allclose(y, x + 0.2 * z, rtol=0, atol=1e-15)
+    assert layer.rng.offset == 10 + 8                      # ceil(30 / 4) blocks
+    dy = rng.standard_normal(x.shape)
+    np.testing.assert_array_equal(layer.backward(dy), dy)
+    np.testing.assert_array_equal(layer.forward(x, training=False), x)
+    assert layer.rng.offset == 18
+    _fd_check(layer, x, rng, reset=_rewind(layer, "rng"))
+
+
+DROPCONNECT = [
+    ("batch-inverted", dict(per_example=False, mode="inverted"), (6, 7)),
+    ("batch-weight-scaling", dict(per_example=False, mode="weight_scaling"), (6, 7)),
+    ("per-example", dict(per_example=True, mode="inverted"), (5, 7)),
+    ("per-example-3d", dict(per_example=True, mode="inverted"), (2, 3, 7)),
+]
+
+
+@pytest.mark.parametrize("name,kw,shape", DROPCONNECT, ids=[c[0] for c in DROPCONNECT])
+def test_drop_connect_linear_backward_matches_finite_differences(name, kw, shape, rng):
+    layer = nn.DropConnectLinear(7, 4, p=0.4, rng=rng, dtype=np.float64, **kw)
+    _randomize(layer, rng)
+    x = rng.standard_normal(shape)
+    reset = _rewind(layer, "mask_rng")
+    _fd_check(layer, x, rng, reset=reset)
+    # the forward is the Linear layer of the masked, scaled weight
+    reset()
+    y = layer.forward(x)
+    mask = layer._saved[1]
+    keep = mask.to_bool()
+    w, b = layer.params["weight"], layer.params["bias"]
+    scale = 1 / 0.6 if kw["mode"] == "inverted" else 1.0
+    if kw["per_example"]:
+        expect = np.einsum("...oi,...i->...o", keep * w * scale, x) + b
+    else:
+        expect = x @ (keep * w * scale).T + b
+    np.testing.assert_allclose(y, expect, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("mode", ["inverted", "weight_scaling"])
+def test_drop_connect_linear_inference_uses_the_mean_weight(mode, rng):
+    layer = nn.DropConnectLinear(5, 3, p=0.2, bias=False, rng=rng, mode=mode, dtype=np.float64)
+    x = rng.standard_normal((4, 5))
+    w = layer.params["weight"] * (1.0 if mode == "inverted" else 0.8)
+    np.testing.assert_allclose(layer.forward(x, training=False), x @ w.T, rtol=1e-13)
+    assert layer.mask_rng.offset == 0
+    _fd_check(layer, x, rng, training=False)
+
+
+def _random_layers(seed):
+    return [nn.Dropout(0.4, rng=seed), nn.Dropout(0.4, mask="seed", rng=seed),
+            nn.GaussianNoise(0.3, rng=seed),
+            nn.DropConnectLinear(6, 6, 0.4, rng=seed),
+            nn.DropConnectLinear(6, 6, 0.4, per_example=True, rng=seed)]
+
+
+def test_random_layers_are_reproducible_from_a_seed_and_advance_per_call(rng):
+    x = rng.standard_normal((5, 6)).astype(np.float32)
+    seed = int(rng.integers(2**63))
+    runs = []
+    for _ in range(2):
+        runs.append([[layer.forward(x).copy() for _ in range(3)] for layer in
+                     _random_layers(seed)])
+    for a_layer, b_layer in zip(*runs):
+        for a, b in zip(a_layer, b_layer):
+            np.testing.assert_array_equal(a, b)
+        assert not np.array_equal(a_layer[0], a_layer[1]), "each call draws new randomness"
+    # each call advances the generator by the blocks it used
+    drop, _, noise, dc, dc_ex = _random_layers(seed)
+    for layer, attr, blocks in [(drop, "rng", 8), (noise, "rng", 8), (dc, "mask_rng", 9),
+                                (dc_ex, "mask_rng", 45)]:
+        before = getattr(layer, attr).offset
+        layer.forward(x)
+        assert getattr(layer, attr).offset == before + blocks
+
+
+def test_random_layers_share_a_fastreg_generator_and_take_a_numpy_one(rng):
+    gen = fastreg.random.Generator(3)
+    a, b = nn.Dropout(0.5, rng=gen), nn.GaussianNoise(1.0, rng=gen)
+    x = np.ones((4, 4), np.float32)
+    a.forward(x)
+    b.forward(x)
+    assert gen.offset == 8 and a.rng is gen and b.rng is gen
+    one = nn.Dropout(0.5, rng=np.random.default_rng(9)).forward(x).copy()
+    two = nn.Dropout(0.5, rng=np.random.default_rng(9)).forward(x)
+    np.testing.assert_array_equal(one, two)
+
+
+def test_random_layers_reuse_their_buffers(rng):
+    x = rng.standard_normal((5, 6)).astype(np.float32)
+    dy = rng.standard_normal((5, 6)).astype(np.float32)
+    for layer in _random_layers(1):
+        y1 = layer.forward(x)
+        bits1 = getattr(layer.last_mask, "bits", None) if isinstance(layer, nn.Dropout) else None
+        dx1 = layer.backward(dy)
+        y2 = layer.forward(x)
+        dx2 = layer.backward(dy)
+        name = type(layer).__name__
+        assert np.shares_memory(y1, y2) and np.shares_memory(dx1, dx2), name
+        if bits1 is not None:
+            assert layer.last_mask.bits is bits1, "the mask bits buffer is reused"
+
+
+def test_random_layers_do_not_modify_inputs(rng):
+    x = rng.standard_normal((5, 6)).astype(np.float32)
+    dy = rng.standard_normal((5, 6)).astype(np.float32)
+    x0, dy0 = x.copy(), dy.copy()
+    for layer in _random_layers(2):
+        layer.forward(x)
+        layer.backward(dy)
+    assert np.array_equal(x, x0) and np.array_equal(dy, dy0)
+
+
+def test_sequential_with_random_layers_equals_the_hand_chain(rng):
+    def build():
+        return [nn.GaussianNoise(0.1, rng=1), nn.DropConnectLinear(8, 6, 0.3, rng=2,
+                                                                    dtype=np.float64),
+                nn.ReLU(), nn.Dropout(0.3, rng=3), nn.Linear(6, 2, rng=4, dtype=np.float64)]
+    layers, model = build(), nn.Sequential(*build())
+    x = rng.standard_normal((9, 8))
+    dy = rng.standard_normal((9, 2))
+    for _ in range(2):                                  # the second step draws new masks
+        h = x
+        for layer in layers:
+            h = layer.forward(h)
+        g = dy
+        for layer in reversed(layers):
+            g = layer.backward(g)
+        np.testing.assert_array_equal(model.forward(x), h)
+        np.testing.assert_array_equal(model.backward(dy), g)
+        np.testing.assert_array_equal(model.grads["1.weight"], layers[1].grads["weight"])
+
+
+def test_random_layer_arguments_are_validated():
+    with pytest.raises(ValueError, match="Dropout: 'p' must be a finite number >= 0"):
+        nn.Dropout(-0.1)
+    with pytest.raises(ValueError, match="Dropout: 'mode' must be one of"):
+        nn.Dropout(0.1, mode="scaled")
+    with pytest.raises(ValueError, match="Dropout: 'mask' must be one of"):
+        nn.Dropout(0.1, mask="bool")
+    with pytest.raises(TypeError, match="Dropout: 'rng' must be a fastreg.random.Generator"):
+        nn.Dropout(0.1, rng=1.5)
+    with pytest.raises(ValueError, match="GaussianNoise: 'std' must be a finite number >= 0"):
+        nn.GaussianNoise(-1.0)
+    with pytest.raises(ValueError, match="DropConnectLinear: 'p' must be"):
+        nn.DropConnectLinear(3, 2, p=1.5)
+    with pytest.raises(TypeError, match="DropConnectLinear: 'per_example' must be True or"):
+        nn.DropConnectLinear(3, 2, per_example=1)
+    with pytest.raises(ValueError, match="DropConnectLinear.forward: 'x' must have 3 features"):
+        nn.DropConnectLinear(3, 2, rng=0).forward(np.zeros((2, 4), np.float32))
+    with pytest.raises(TypeError, match="Dropout.forward: 'training' must be True or False"):
+        nn.Dropout(0.1, rng=0).forward(np.zeros(3, np.float32), training=None)
+    with pytest.raises(RuntimeError, match="call forward"):
+        nn.Dropout(0.1, rng=0).backward(np.zeros(3))
+    with pytest.raises(ValueError, match="GaussianNoise.backward: 'dy' must have"):
+        layer = nn.GaussianNoise(0.1, rng=0)
+        layer.forward(np.zeros(3, np.float32))
+        layer.backward(np.zeros(4, np.float32))
+
+
+# --------------------------------------------------------------------------- constraints, loss
+
+def test_max_norm_constraint_runs_after_each_step_on_the_weights_only(rng):
+    model = nn.Sequential(nn.Linear(6, 5, rng=rng, dtype=np.float64),
+                          nn.LayerNorm(5, dtype=np.float64),
+                          nn.Linear(5, 3, rng=rng, dtype=np.float64))
+    for k, p in model.params.items():
+        p[...] = rng.standard_normal(p.shape)
+    constraint = nn.MaxNorm(model, 1.5)
+    assert constraint.names == ["0.weight", "2.weight"]
+    opt = nn.SGD(model, lr=0.1, constraints=[constraint])
+    expect = {k: v.copy() for k, v in model.params.items()}
+    for k, g in model.grads.items():
+        g[...] = rng.standard_normal(g.shape)
+    opt.step()
+    for k in expect:
+        fastreg.sgd_step(expect[k], model.grads[k], lr=0.1)
+        if k in constraint.names:
+            fastreg.max_norm(expect[k], 1.5, axis=1, out=expect[k])
+        np.testing.assert_array_equal(model.params[k], expect[k])
+    norms = np.linalg.norm(model.params["0.weight"], axis=1)
+    assert np.all(norms <= 1.5) and np.any(norms > 1.5 - 1e-6)
+    assert not np.array_equal(model.params["1.weight"], np.ones(5)), "gains unconstrained"
+    with pytest.raises(TypeError, match="SGD: 'constraints\\[0\\]' must have an apply"):
+        nn.SGD(model, lr=0.1, constraints=[lambda: None])
+    with pytest.raises(ValueError, match="MaxNorm: 'names' must name parameters"):
+        nn.MaxNorm(model, 1.0, names=["0.kernel"])
+
+
+def test_optimizer_names_act_as_parameter_groups(rng):
+    model, target = _quadratic_model(rng)
+    w0, b0 = model.params["weight"].copy(), model.params["bias"].copy()
+    decay = nn.SGD(model, lr=0.1, decoupled_weight_decay=0.5, names=["weight"])
+    plain = nn.SGD(model, lr=0.1, names=["bias"])
+    _fill_grads(model, target)
+    gw, gb = model.grads["weight"].copy(), model.grads["bias"].copy()
+    decay.step()
+    plain.step()
+    fastreg.sgd_step(w0, gw, lr=0.1, decoupled_weight_decay=0.5)
+    fastreg.sgd_step(b0, gb, lr=0.1)
+    np.testing.assert_array_equal(model.params["weight"], w0)
+    np.testing.assert_array_equal(model.params["bias"], b0)
+    with pytest.raises(ValueError, match="AdamW: 'names' must name parameters"):
+        nn.AdamW(model, names=["w"])
+    with pytest.raises(ValueError, match="SGD: 'names' must not repeat"):
+        nn.SGD(model, lr=0.1, names=["bias", "bias"])
+
+
+@pytest.mark.parametrize("style", ["uniform", "others"])
+def test_cross_entropy_loss_matches_its_definition(style, rng):
+    N, K, s = 7, 5, 0.2
+    logits = rng.standard_normal((N, K))
+    target = rng.integers(0, K, N)
+    q = np.full((N, K), s / K if style == "uniform" else s / (K - 1))
+    q[np.arange(N), target] = 1 - s + (s / K if style == "uniform" else 0.0)
+    logp = logits - logits.max(1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(1, keepdims=True))
+
+    def loss_of(z):
+        zz = z - z.max(1, keepdims=True)
+        return float(-np.mean(np.sum(q * (zz - np.log(np.exp(zz).sum(1, keepdims=True))), 1)))
+
+    ce = nn.CrossEntropyLoss(s, style=style)
+    loss, d = ce(logits, target)
+    assert isinstance(loss, float)
+    np.testing.assert_allclose(loss, -np.mean(np.sum(q * logp, 1)), rtol=1e-12)
+    np.testing.assert_allclose(d, (np.exp(logp) - q) / N, rtol=1e-10, atol=1e-15)
+    h = 1e-6
+    for i, k in [(0, 0), (3, 2), (6, 4)]:
+        up, down = logits.copy(), logits.copy()
+        up[i, k] += h
+        down[i, k] -= h
+        assert abs((loss_of(up) - loss_of(down)) / (2 * h) - d[i, k]) < 1e-8
+    # buffers reused; per-row losses of (..., K) logits
+    assert np.shares_memory(d, ce(logits, target)[1])
+    rows, d3 = nn.CrossEntropyLoss(s, style=style, reduction="none")(
+        logits.reshape(1, N, K), target.reshape(1, N))
+    assert rows.shape == (1, N) and d3.shape == (1, N, K)
+    np.testing.assert_allclose(rows.mean(), loss, rtol=1e-12)
+    with pytest.raises(ValueError, match="CrossEntropyLoss: 'style' must be one of"):
+        nn.CrossEntropyLoss(0.1, style="soft")
+
+
+def test_training_with_dropout_and_drop_connect_lowers_the_loss(rng):
+    X = rng.standard_normal((256, 8)).astype(np.float32)
+    labels = np.argmax(X @ rng.standard_normal((8, 3)).astype(np.float32), axis=1)
+    model = nn.Sequential(nn.GaussianNoise(0.05, rng=1), nn.DropConnectLinear(8, 32, 0.2, rng=2),
+                          nn.ReLU(), nn.Dropout(0.2, rng=3), nn.Linear(32, 3, rng=4))
+    loss_fn = nn.CrossEntropyLoss(0.05)
+    opt = nn.AdamW(model, lr=0.01, constraints=[nn.MaxNorm(model, 3.0)])
+    first, _ = loss_fn(model.forward(X, training=False), labels)
+    for _ in range(80):
+        _, d = loss_fn(model.forward(X), labels)
+        model.backward(d)
+        opt.step()
+    last, _ = loss_fn(model.forward(X, training=False), labels)
+    assert last < 0.5 * first

@@ -39,7 +39,7 @@ def _needed_files(directory):
 
 
 def test_kernel_dir_holds_every_file_the_launchers_name():
-    assert _named_modules() == ["batch_norm", "group_norm", "norm", "prox"]
+    assert _named_modules() == ["batch_norm", "dropout", "group_norm", "norm", "prox"]
     directory = _source.kernel_dir()
     for name in _needed_files(directory):
         assert (directory / name).is_file(), f"{name} missing from {directory}"

@@ -545,10 +545,10 @@ def test_convert_leaves_unsupported_layers_to_torch():
 
     model = nn.Sequential(nn.BatchNorm2d(3, dtype=torch.float16), MyNorm(4),
                           nn.LayerNorm(4, eps=0.0), nn.BatchNorm2d(3, momentum=1.5),
-                          nn.LayerNorm(4, device="meta"), nn.GroupNorm(1, 3), nn.Dropout())
+                          nn.LayerNorm(4, device="meta"), nn.GroupNorm(1, 3), nn.Dropout2d())
     ft.convert(model)
     assert [type(m) for m in model] == [nn.BatchNorm2d, MyNorm, nn.LayerNorm, nn.BatchNorm2d,
-                                        nn.LayerNorm, ft.GroupNorm, nn.Dropout]
+                                        nn.LayerNorm, ft.GroupNorm, nn.Dropout2d]
     layer = ft.convert(nn.LayerNorm(5))  # a single layer converts too
     assert type(layer) is ft.LayerNorm
     with pytest.raises(TypeError, match="convert: 'model' must be a torch.nn.Module"):
@@ -816,11 +816,15 @@ def test_digits_example_trains_both_ways(capsys):
     spec = importlib.util.spec_from_file_location("torch_convert_digits", path)
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
-    results = example.main(["--epochs", "2", "--fuse-relu"])
-    for name, (accuracy, step, loss) in results.items():  # 0.74 measured after 2 epochs
-        assert accuracy > 0.4, f"{name}: accuracy {accuracy} after 2 epochs (chance is 0.1)"
-    assert abs(results["torch"][0] - results["fastreg"][0]) < 0.1
-    assert "step time torch / fastreg" in capsys.readouterr().out
+    results = example.main(["--quick", "--fuse-relu", "--l1", "0.05"])
+    # after 4 epochs with dropout: 0.73-0.95 measured over seeds (chance is 0.1); the two
+    # runs draw different dropout masks, so they differ by that noise
+    for name, (accuracy, step, loss, zeros) in results.items():
+        assert accuracy > 0.5, f"{name}: accuracy {accuracy} after 4 epochs"
+    assert abs(results["torch"][0] - results["fastreg"][0]) < 0.3
+    assert results["torch"][3] == 0 < results["fastreg"][3], "the L1 prox made no zeros"
+    out = capsys.readouterr().out
+    assert "step time torch / fastreg" in out and "4 epochs" in out
 
 
 def test_torch_func_transforms_fall_back_and_match_torch(rng):

@@ -1,10 +1,11 @@
 """CUDA kernels (kernels/*.cu) launched through CuPy, or under the host emulation.
 
-Each family module (``norm``, ``prox``) has the reference's function names and
-signatures. The same launchers serve two devices (``_device.py``): CuPy
-arrays run the kernels on the current CUDA device and stream (backend
-"cuda"); NumPy arrays run them under the host emulation (backend
-"cuda_emulator", used by the tests where no GPU is present).
+Each family module (``norm``, ``prox``, ``random``, ``dropout``) has the
+reference's function names and signatures. The same launchers serve two
+devices (``_device.py``): CuPy arrays run the kernels on the current CUDA
+device and stream (backend "cuda"); NumPy arrays run them under the host
+emulation (backend "cuda_emulator", used by the tests where no GPU is
+present).
 """
 
 import ml_dtypes

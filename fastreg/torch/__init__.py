@@ -5,6 +5,13 @@
 - Modules, drop-ins for PyTorch's (same arguments, parameters, buffers and
   ``state_dict`` keys; subclasses of PyTorch's classes): ``LayerNorm``,
   ``RMSNorm``, ``GroupNorm``, ``BatchNorm1d/2d/3d``, ``InstanceNorm1d/2d/3d``.
+- ``Dropout``, ``DropConnectLinear``, ``DropoutAddLayerNorm``: the dropout
+  family (``Dropout`` a drop-in for PyTorch's; fastreg's masks, seeded from
+  PyTorch's generator).
+- ``SyncBatchNorm``: drop-in for :class:`torch.nn.SyncBatchNorm` on
+  ``fastreg.distributed`` (CPU tensors over gloo too).
+- ``fastreg.torch.optim``: ``SGD``, ``Adam``, ``AdamW``, subclasses of
+  PyTorch's with fastreg's fused steps and an ``l1=`` proximal step.
 - :func:`convert` swaps those layers of an existing model in place.
 - ``fastreg.torch.functional``: ``torch.nn.functional``'s signatures.
 - ``*Function``: the ``torch.autograd.Function`` of each forward/backward pair.
@@ -24,10 +31,10 @@ development machine a small LayerNorm training step took 198 us instead of
 1100-1500 us.
 
 Layout of this package, one file per fastreg family (as fastreg itself):
-``norm.py`` (here), ``dropout.py`` (Dropout, DropConnectLinear,
-DropoutAddLayerNorm) and ``optim.py`` (``fastreg.torch.optim.SGD``,
-``AdamW``) next; ``_bridge.py`` holds the zero-copy views, the stream and the
-fallback rules they all share, ``_convert.py`` the table ``convert`` uses.
+``norm.py``, ``dropout.py``, ``distributed.py`` (SyncBatchNorm) and
+``optim.py`` (the prox family's steps); ``_bridge.py`` holds the zero-copy
+views, the stream and the fallback rules they all share, ``_convert.py`` the
+table ``convert`` uses.
 """
 
 try:
@@ -35,9 +42,18 @@ try:
 except ImportError as error:  # pragma: no cover - exercised without torch
     raise ImportError("fastreg.torch needs PyTorch: pip install 'fastreg[torch]'") from error
 
-from . import functional
+from . import functional, optim
 from ._bridge import FallbackWarning
 from ._convert import convert
+from .distributed import SyncBatchNorm, SyncBatchNormFunction
+from .dropout import (
+    DropConnectFunction,
+    DropConnectLinear,
+    Dropout,
+    DropoutAddLayerNorm,
+    DropoutAddLayerNormFunction,
+    DropoutFunction,
+)
 from .norm import (
     BatchNorm1d,
     BatchNorm2d,
@@ -56,9 +72,11 @@ from .norm import (
 )
 
 __all__ = [
-    "convert", "functional", "FallbackWarning",
+    "convert", "functional", "optim", "FallbackWarning",
     "LayerNorm", "RMSNorm", "GroupNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d",
-    "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d",
+    "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d", "SyncBatchNorm",
+    "Dropout", "DropConnectLinear", "DropoutAddLayerNorm",
     "LayerNormFunction", "RMSNormFunction", "BatchNormFunction", "GroupNormFunction",
-    "InstanceNormFunction",
+    "InstanceNormFunction", "SyncBatchNormFunction",
+    "DropoutFunction", "DropConnectFunction", "DropoutAddLayerNormFunction",
 ]

@@ -104,11 +104,14 @@ def _cupy_bfloat16(cupy):
 
 # --------------------------------------------------------------------------- routing
 
-def why_not(x, *tensors):
+def why_not(x, *tensors, autocast=True):
     """Why fastreg cannot run on ``x`` (with ``tensors``, None entries ignored): a
     reason string, or None when it can. Only conditions of the tensors are
     checked here; each op adds its own (shapes, eps, momentum). Runs on every
-    call, so it is written for speed (plain loops, cheap attributes)."""
+    call, so it is written for speed (plain loops, cheap attributes).
+
+    ``autocast=False`` for ops that autocast leaves alone (dropout runs in its
+    input's dtype under autocast, so fastreg may run it there too)."""
     others = [t for t in tensors if t is not None]
     if not isinstance(x, torch.Tensor):
         return INVALID
@@ -133,13 +136,13 @@ def why_not(x, *tensors):
         mixed = mixed or t.dtype != dtype
     if x.is_cpu:
         dtypes = CPU_DTYPES
-        if torch.is_autocast_enabled("cpu"):
+        if autocast and torch.is_autocast_enabled("cpu"):
             return "autocast is enabled"
     elif x.is_cuda:
         cupy, dtypes = _cuda_support()
         if cupy is None:
             return dtypes
-        if torch.is_autocast_enabled("cuda"):
+        if autocast and torch.is_autocast_enabled("cuda"):
             return "autocast is enabled"
     else:
         return f"device type {device.type!r} (fastreg runs CPU and CUDA tensors)"
@@ -152,6 +155,24 @@ def why_not(x, *tensors):
     if x.numel() == 0:
         return EMPTY
     return None
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_lacks(family, name):
+    try:
+        module = importlib.import_module(f"fastreg.cuda.{family}")
+    except Exception as error:
+        return f"fastreg.cuda.{family} failed to import ({type(error).__name__}: {error})"
+    if name in getattr(module, "UNSUPPORTED", ()):
+        return f"fastreg's CUDA backend has no {name} kernel in this version"
+    return None
+
+
+def backend_lacks(x, family, name):
+    """Why fastreg's backend for ``x``'s device does not run ``fastreg.<name>`` (a
+    reason, or None): a backend lists what it does not run yet in its family
+    module's ``UNSUPPORTED``. Call after :func:`why_not` passed."""
+    return _cuda_lacks(family, name) if x.is_cuda else None
 
 
 def needs_grad(*tensors):
@@ -232,3 +253,35 @@ def like_layout(t, axis):
         return t.contiguous()
     v = t.permute(0, *range(2, t.dim()), 1).contiguous()
     return v.permute(0, v.dim() - 1, *range(1, v.dim() - 1))
+
+
+# --------------------------------------------------------------------------- memory order
+
+def dense(t):
+    """(t_dense, perm): ``t`` itself with the permutation ``perm`` of its axes that
+    lists them in memory order (``t.permute(perm)`` is contiguous; None when t is
+    contiguous already), or, for a tensor with gaps or overlaps, a contiguous
+    copy with perm None. For elementwise kernels: they run on the contiguous
+    view, and outputs made by ``torch.empty_like(t_dense)`` share its strides."""
+    if t.is_contiguous():
+        return t, None
+    perm = tuple(sorted(range(t.dim()), key=lambda d: -t.stride(d)))
+    if t.permute(perm).is_contiguous():
+        return t, perm
+    return t.contiguous(), None
+
+
+def permuted(t, perm):
+    """``t`` viewed in the axis order ``perm`` (None: t itself)."""
+    return t if perm is None else t.permute(perm)
+
+
+def unpermuted(t, perm):
+    """The inverse of :func:`permuted`: ``t`` (in the order ``perm``) back in the
+    original axis order, a view."""
+    if perm is None:
+        return t
+    inverse = [0] * len(perm)
+    for i, d in enumerate(perm):
+        inverse[d] = i
+    return t.permute(inverse)

@@ -8,11 +8,11 @@ import numbers
 import torch
 
 from . import _bridge as B
-from . import norm
+from . import distributed, dropout, norm
 
-# PyTorch layer -> fastreg subclass of it. Each family adds its table here
-# (the dropout family's Dropout, DropConnectLinear, DropoutAddLayerNorm next).
-SWAPS = {**norm.SWAPS}
+# PyTorch layer -> fastreg subclass of it, exact twins only. Each family adds its
+# table here (DropConnectLinear and DropoutAddLayerNorm have no PyTorch twin).
+SWAPS = {**norm.SWAPS, **dropout.SWAPS, **distributed.SWAPS}
 
 
 def _runnable(module):
@@ -34,12 +34,18 @@ def convert(model, *, fuse_relu=False):
     """Swap the supported PyTorch layers of ``model`` for fastreg's, in place; returns ``model``.
 
     Supported: ``LayerNorm``, ``RMSNorm``, ``GroupNorm``, ``BatchNorm1d/2d/3d``,
-    ``InstanceNorm1d/2d/3d`` (exactly these classes; subclasses may override
-    ``forward`` and are left alone). A converted layer keeps its identity: its
-    class becomes fastreg's subclass of its PyTorch class, so its parameters,
-    buffers, hooks, train/eval mode, device and dtype, ``isinstance`` checks
-    and every reference to it (an optimizer's parameter list) are unchanged;
-    only ``forward`` runs fastreg's kernels. ``model`` may itself be a layer.
+    ``InstanceNorm1d/2d/3d``, ``SyncBatchNorm`` and ``Dropout`` (exactly these
+    classes; subclasses may override ``forward`` and are left alone). A
+    converted ``Dropout`` draws fastreg's masks, not PyTorch's: in training
+    its outputs differ from PyTorch's by design (the same distribution, other
+    draws; see ``fastreg.torch.dropout``); in eval mode they are identical.
+    A converted layer keeps its identity: its class becomes fastreg's
+    subclass of its PyTorch class, so its parameters, buffers, hooks,
+    train/eval mode, device and dtype, ``isinstance`` checks and every
+    reference to it (an optimizer's parameter list) are unchanged; only
+    ``forward`` runs fastreg's kernels. ``model`` may itself be a layer.
+    ``SyncBatchNorm`` is the exception: fastreg's is a sibling of PyTorch's
+    class, not a subclass (see :class:`fastreg.torch.SyncBatchNorm`).
 
     Layers fastreg cannot run as configured stay PyTorch's: parameters or
     buffers of a dtype or on a device fastreg does not run (e.g. float16 or

@@ -122,6 +122,24 @@ __forceinline__ T __ldcs(const T* p) { return *p; }
 template <class T>
 __forceinline__ void __stcs(T* p, T v) { *p = v; }
 
+// High word of the 32 x 32-bit product (Philox, kernels/philox.cuh).
+__forceinline__ unsigned __umulhi(unsigned a, unsigned b) {
+  return unsigned((uint64_t(a) * uint64_t(b)) >> 32);
+}
+// sin(pi x) and cos(pi x): the reduction to the nearest half turn is exact
+// (x - q/2 is exact for |x| < 2^51), then the host's sin and cos.
+__forceinline__ void sincospi(double x, double* s, double* c) {
+  const double q = std::nearbyint(2.0 * x);
+  const double a = 3.141592653589793 * (x - 0.5 * q);
+  const double sa = std::sin(a), ca = std::cos(a);
+  switch (int(std::fmod(q, 4.0) + 4.0) & 3) {
+    case 0: *s = sa; *c = ca; break;
+    case 1: *s = ca; *c = -sa; break;
+    case 2: *s = -sa; *c = -ca; break;
+    default: *s = -ca; *c = sa; break;
+  }
+}
+
 // IEEE operations rounded to nearest even, never fused: the host's own
 // arithmetic (the emulation compiles with -ffp-contract=off).
 __forceinline__ float __fadd_rn(float a, float b) { return a + b; }
@@ -184,6 +202,18 @@ __forceinline__ __nv_bfloat16 __float2bfloat16_rn(float f) {
   return __nv_bfloat16{static_cast<unsigned short>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16)};
 }
 __forceinline__ __nv_bfloat16 __float2bfloat16(float f) { return __float2bfloat16_rn(f); }
+// double -> 16-bit rounded once: to float with round-to-odd (truncate, then set the
+// last bit when inexact), which the float -> 16-bit rounding then leaves correct.
+__forceinline__ float fastreg_emu_f64_to_f32_odd(double v) {
+  float f = float(v);
+  if (double(f) == v || v != v) return f;
+  if (std::fabs(double(f)) > std::fabs(v)) f = std::nextafter(f, 0.0f);
+  return __uint_as_float(__float_as_uint(f) | 1u);
+}
+__forceinline__ __half __double2half(double v) { return __float2half_rn(fastreg_emu_f64_to_f32_odd(v)); }
+__forceinline__ __nv_bfloat16 __double2bfloat16(double v) {
+  return __float2bfloat16_rn(fastreg_emu_f64_to_f32_odd(v));
+}
 __forceinline__ float __bfloat162float(__nv_bfloat16 b) { return __uint_as_float(uint32_t(b.__x) << 16); }
 __forceinline__ unsigned short __bfloat16_as_ushort(__nv_bfloat16 b) { return b.__x; }
 __forceinline__ __nv_bfloat16 __ushort_as_bfloat16(unsigned short v) { return __nv_bfloat16{v}; }
