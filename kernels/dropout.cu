@@ -83,13 +83,14 @@
 //   (+ w, b), writes y, s (+ mean, rstd): 4 passes where the unfused ops
 //   make 7 (16 bytes per float32 element; the issue's bar is 2.5x PyTorch's
 //   eager dropout + add + layer_norm, ~1000 GB/s effective). Mean first,
-//   then the centred sum of squares from the registers (exact two-pass).
+//   then the centred sums of s - mean and its square from the registers
+//   (corrected two-pass for float accumulators: exact at any offset).
 //   With "bits" the block also writes the mask words whose first element
 //   lies in its rows, from a second Philox pass over them (+ n/8 bytes;
 //   Philox runs twice per element in that mode, once in "seed" mode).
 // - dropout_add_ln_fwd_loop (rows beyond the registers): one row per
-//   512-thread block; pass 1 forms s (stored) and a Chan/Welford state per
-//   thread, pass 2 reads s back (L2) for y.
+//   512-thread block; pass 1 forms s (stored) and a Chan/Welford state of
+//   s - s[row, 0] per thread, pass 2 reads s back (L2) for y.
 // - dropout_add_ln_bwd (register path): as layer norm's backward, G blocks
 //   (fixed by the shapes) walk the row groups; each thread keeps dw/db for
 //   its columns in registers; partial rows per block, reduced in block
@@ -564,7 +565,7 @@ __device__ __forceinline__ void dropout_add_ln_fwd(
     Stream st, unsigned long long threshold, typename Acc<T>::type scale) {
   typedef typename Acc<T>::type A;
   const int N = Vec<T>::N;
-  __shared__ A scratch[2][32];
+  __shared__ A scratch[3 * 32];
   const int t = threadIdx.x & (R - 1), rows_per_block = blockDim.x / R;
   const long long row = (long long)blockIdx.x * rows_per_block + threadIdx.x / R;
   const bool active = row < M;
@@ -591,18 +592,43 @@ __device__ __forceinline__ void dropout_add_ln_fwd(
   for (int k = 0; k < K; ++k)
 #pragma unroll
     for (int i = 0; i < N; ++i) sum[0] += v[k][i];
-  group_sum(sum, R, scratch[0]);
+  group_sum(sum, R, scratch);
+  // mu is the mean rounded to A (off by up to half an ulp of it: 0.03 at a mean of
+  // 1e6 in float32); for float accumulators the centred sums recover it (corrected
+  // two-pass, as kernels/norm.cu). Double keeps the plain two-pass: its rounding is
+  // the data's own, and the extra accumulator would spill the f64 k4 kernel.
   const A mu = sum[0] / n;
-  A q[1] = {A(0)};
+  A dm = A(0), var;
+  if (sizeof(A) == 4) {
+    A q[2] = {A(0), A(0)};
 #pragma unroll
-  for (int k = 0; k < K; ++k) {
-    const int count = slot_count(slot_first<T>(k, R, t), D, N);
+    for (int k = 0; k < K; ++k) {
+      const int count = slot_count(slot_first<T>(k, R, t), D, N);
 #pragma unroll
-    for (int i = 0; i < N; ++i)
-      if (i < count) q[0] += (v[k][i] - mu) * (v[k][i] - mu);
+      for (int i = 0; i < N; ++i)
+        if (i < count) {
+          const A c = v[k][i] - mu;
+          q[0] += c;
+          q[1] += c * c;
+        }
+    }
+    group_sum(q, R, scratch + 32);
+    dm = q[0] / n;
+    var = q[1] / n - dm * dm;
+    var = var > A(0) ? var : A(0);
+  } else {
+    A q[1] = {A(0)};
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      const int count = slot_count(slot_first<T>(k, R, t), D, N);
+#pragma unroll
+      for (int i = 0; i < N; ++i)
+        if (i < count) q[0] += (v[k][i] - mu) * (v[k][i] - mu);
+    }
+    group_sum(q, R, scratch + 32);
+    var = q[0] / n;
   }
-  group_sum(q, R, scratch[1]);
-  const A r = rsqrt_acc(q[0] / n + eps);
+  const A r = rsqrt_acc(var + eps);
 
 #pragma unroll
   for (int k = 0; k < K; ++k) {
@@ -613,11 +639,11 @@ __device__ __forceinline__ void dropout_add_ln_fwd(
     load_param_slot(w == nullptr ? w : w + c0, count, vec != 0, A(1), wv);
     load_param_slot(b == nullptr ? b : b + c0, count, vec != 0, A(0), bv);
 #pragma unroll
-    for (int i = 0; i < N; ++i) v[k][i] = (v[k][i] - mu) * r * wv[i] + bv[i];
+    for (int i = 0; i < N; ++i) v[k][i] = ((v[k][i] - mu) - dm) * r * wv[i] + bv[i];
     store_slot(y + base + c0, count, vec != 0, v[k]);
   }
   if (active && t == 0) {
-    mean[row] = mu;
+    mean[row] = mu + dm;
     rstd[row] = r;
   }
   if (bits != nullptr) {
@@ -642,6 +668,20 @@ __device__ __forceinline__ void dropout_add_ln_fwd_loop(
   const long long row = blockIdx.x, base = row * D;
   const A n = A(D > 0 ? D : 1);
 
+  // The statistics of s - s[row, 0] (thread 0 forms that element, as the walk does):
+  // a mean reduced in A is off by up to half an ulp of itself, which y would carry;
+  // near the data s - shift is exact and the shifted mean small (kernels/norm.cu).
+  __shared__ A shift_s;
+  if (t == 0) {
+    A s0 = A(0);
+    if (D > 0) {
+      const unsigned keep0 = slot_keep<N>(nullptr, st, threshold, (unsigned long long)base, 1);
+      s0 = dropped_add<T>(to_acc(x[base]), keep0 & 1u ? scale : A(0), to_acc(res[base]));
+    }
+    shift_s = s0;
+  }
+  __syncthreads();
+  const A shift = shift_s;
   Welford<A> stat = {A(0), A(0), A(0)};
   for (int tile = 0; tile < D; tile += R * N) {
     const int c0 = tile + t * N;
@@ -655,12 +695,12 @@ __device__ __forceinline__ void dropout_add_ln_fwd_loop(
 #pragma unroll
     for (int i = 0; i < N; ++i) {
       v[i] = i < count ? dropped_add<T>(xv[i], (keep >> i) & 1u ? scale : A(0), rv[i]) : A(0);
-      c.mean += v[i];
+      if (i < count) c.mean += v[i] - shift;
     }
     c.mean /= c.n;
 #pragma unroll
     for (int i = 0; i < N; ++i)
-      if (i < count) c.m2 += (v[i] - c.mean) * (v[i] - c.mean);
+      if (i < count) c.m2 += ((v[i] - shift) - c.mean) * ((v[i] - shift) - c.mean);
     stat = welford_merge(stat, c);
     store_slot(s_out + base + c0, count, vec != 0, v);
   }
@@ -675,11 +715,11 @@ __device__ __forceinline__ void dropout_add_ln_fwd_loop(
     load_param_slot(w == nullptr ? w : w + c0, count, vec != 0, A(1), wv);
     load_param_slot(b == nullptr ? b : b + c0, count, vec != 0, A(0), bv);
 #pragma unroll
-    for (int i = 0; i < N; ++i) v[i] = (v[i] - mu) * r * wv[i] + bv[i];
+    for (int i = 0; i < N; ++i) v[i] = ((v[i] - shift) - mu) * r * wv[i] + bv[i];
     store_slot(y + base + c0, count, vec != 0, v);
   }
   if (t == 0) {
-    mean[row] = mu;
+    mean[row] = shift + mu;
     rstd[row] = r;
   }
   if (bits != nullptr) store_owned_words(bits, base, base + D, (long long)M * D, st, threshold);

@@ -64,7 +64,7 @@ class Norm:
 
     def shape(self, axis=1, big=False):
         if not self.channel:
-            return (6, 4000) if big else (6, 37)
+            return (3, 20000) if big else (6, 37)   # 20000: the CUDA loop path
         return ((4, 8, 300) if big else (4, 8, 9)) if axis == 1 else (4, 9, 8)
 
     def stat_mask(self, shape, axis, idx):
@@ -157,7 +157,7 @@ def _stats(op, res):
 @pytest.mark.parametrize("offset", [1e4, 1e5, 1e6])
 @pytest.mark.parametrize("op", OPS, ids=OP_IDS)
 def test_float32_with_large_offset_matches_float64_definition(op, offset, backend, rng):
-    for big in (False, True):   # True: the CUDA loop path of layer/RMS norm, several blocks
+    for big in (False, True):   # True: the CUDA loop path of layer/RMS norm; several blocks
         x, w, b = _data(rng, op, np.float32, offset, 1.0, big=big)
         res = op.fwd(x, w, b, 1e-5, backend)
         y64, stats64 = define(op, x, w, b, 1e-5)
@@ -172,6 +172,24 @@ def test_float32_with_large_offset_matches_float64_definition(op, offset, backen
                 assert (np.abs(g - e) <= bound).all(), f"{op.name} {backend}: mean"
             else:
                 np.testing.assert_allclose(g, e, rtol=2e-6, err_msg=f"{op.name} {backend} rstd")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("offset", [1e4, 1e6])
+def test_fused_dropout_add_layer_norm_with_large_offset_matches_float64(offset, backend, rng):
+    """The LayerNorm of the stored residual sum s keeps float32 accuracy at any offset
+    (the CUDA register and loop paths were 0.06 off at a mean of 1e6)."""
+    for D in (37, 20000):       # the CUDA register and loop paths
+        x = (rng.standard_normal((3, D)) + offset).astype(np.float32)
+        res = rng.standard_normal((3, D)).astype(np.float32)
+        w = (1 + 0.25 * rng.standard_normal(D)).astype(np.float32)
+        for p in (0.0, 0.3):
+            y, s, mean, rstd, _ = fastreg.dropout_add_layer_norm(x, res, w, None, p, rng=7,
+                                                                 backend=backend)
+            y64, (m64, r64) = define(OPS[0], s, w, None, 1e-5)
+            err = np.max(np.abs(y - y64))
+            assert err < 4e-6, f"{backend} D={D} p={p} mean {offset:g}: max |y - y64| = {err:.3g}"
+            np.testing.assert_allclose(rstd, r64, rtol=2e-6)
 
 
 def _low_bound(y64, dtype):
@@ -361,24 +379,11 @@ def _near_max_calls(rng):
 @needs_emulator
 @pytest.mark.gpu
 def test_float16_near_its_maximum_through_the_prox_kernels(rng):
-    from strategies import Call, check_low_precision
+    from strategies import check_low_precision
     for call in _near_max_calls(rng):
         res = call.run("cuda_emulator")
         outs = (list(res[0]) if isinstance(res[0], tuple) else [res[0]]) + res[1]
         for i, a in enumerate(outs):
             assert np.isfinite(np.asarray(a, np.float64)).all(), \
                 f"{call.name}: result {i} not finite"
-        if call.name not in ("standardize", "min_max_scale"):
-            check_low_precision(call, "cuda_emulator")
-            continue
-        # the scalers apply the statistics they return (stored in x's dtype: fit then
-        # apply gives the same y): those are the float64 ones rounded to float16, and y
-        # is the apply on them
-        x64 = call.kwargs["x"].astype(np.float64)
-        exact = call.fn(x64, axis=0, backend="reference")[1:]
-        for got, e in zip(outs[1:], exact):
-            assert (np.abs(got.astype(np.float64) - e) <=
-                    np.spacing(np.abs(e).astype(F16)).astype(np.float64)).all(), call.name
-        names = ("mean", "std") if call.name == "standardize" else ("data_min", "data_max")
-        check_low_precision(Call(call.name, call.fn, dict(call.kwargs, **dict(zip(
-            names, outs[1:]))), dtype=F16), "cuda_emulator")
+        check_low_precision(call, "cuda_emulator")
