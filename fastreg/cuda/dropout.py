@@ -38,6 +38,8 @@ Geometry:
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from . import TAGS, VEC, _device
@@ -210,11 +212,16 @@ def _store(dev, dst, src):
         dst[...] = src
 
 
+def _lead(x):
+    """Rows of an (..., features) array: explicit, since reshape(-1, 0) is ambiguous."""
+    return math.prod(x.shape[:-1])
+
+
 def drop_connect(x, weight, bias, seed, offset, threshold, scale, per_example, out):
     (y,) = out
     dev = _device.of(x)
     O, K = weight.shape
-    x2 = dev.contiguous(x).reshape(-1, K)
+    x2 = dev.contiguous(x).reshape(_lead(x), K)
     N = x2.shape[0]
     if N == 0 or O == 0:
         return
@@ -242,7 +249,7 @@ def drop_connect_backward(dy, x, weight, seed, offset, threshold, scale, per_exa
     dx, dweight, dbias = out
     dev = _device.of(x)
     O, K = weight.shape
-    x2 = dev.contiguous(x).reshape(-1, K)
+    x2 = dev.contiguous(x).reshape(_lead(x), K)
     N = x2.shape[0]
     dy2 = dev.contiguous(dy).reshape(N, O)
     dxt, dwt = dev.target(dx), dev.target(dweight)
@@ -284,7 +291,7 @@ def drop_connect_inference(x, weight, bias, seed, offset, mean_scale, var_scale,
     (y,) = out
     dev = _device.of(x)
     O, K = weight.shape
-    x2 = dev.contiguous(x).reshape(-1, K).astype(np.float64)
+    x2 = dev.contiguous(x).reshape(_lead(x), K).astype(np.float64)
     R = x2.shape[0] * O
     if R == 0:
         return
