@@ -448,19 +448,19 @@ def _uniform(rng, dt, big):
 
 RANDOM = [
     Api("philox4x32", fastreg.random.philox4x32, _philox, ("counter", "key"), {},
-        family="random", gpu=False, int_arrays=("counter", "key")),
+        family="random", int_arrays=("counter", "key")),
     Api("random_bits", fastreg.random.random_bits, _bits, (), {"rng": "rng_required"},
-        family="random", gpu=False,
+        family="random",
         special=[("negative-shape", lambda kw: kw.update(shape=(-1, 3)), ValueError,
                   ("shape",)),
                  ("shape-of-floats", lambda kw: kw.update(shape=(1.5, 3)), TypeError,
                   ("shape",))]),
     Api("uniform", fastreg.random.uniform, _uniform, (), {"rng": "rng_required"},
-        family="random", gpu=False,
+        family="random",
         special=[("dtype-int", lambda kw: kw.update(dtype=np.int32, out=None), TypeError,
                   ("dtype",))]),
     Api("normal", fastreg.random.normal, _uniform, (), {"rng": "rng_required"},
-        family="random", gpu=False,
+        family="random",
         special=[("dtype-complex", lambda kw: kw.update(dtype=np.complex64, out=None),
                   TypeError, ("dtype",))]),
 ]
@@ -696,6 +696,25 @@ def runs_on(api, backend):
         module = importlib.import_module(f"fastreg.cuda.{api.family}")
         return api.name not in getattr(module, "UNSUPPORTED", ())
     return True
+
+
+def on_device(kw):
+    """A copy of a call's arguments with every NumPy array (in tuples and masks too) on
+    the GPU (CuPy), for the "cuda" backend."""
+    import cupy
+
+    def move(v):
+        if isinstance(v, np.ndarray):
+            return cupy.asarray(v)
+        if isinstance(v, tuple) and any(isinstance(e, np.ndarray) for e in v):
+            return tuple(move(e) for e in v)
+        if isinstance(v, (fastreg.DropoutMask, fastreg.GaussianMask)) and \
+                getattr(v, "bits", None) is not None:
+            m = copy.copy(v)
+            m.bits = cupy.asarray(v.bits)
+            return m
+        return v
+    return {k: move(v) for k, v in fresh(kw).items()}
 
 
 def build(api, dtype=np.float32, big=False, seed=0):

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from _cuda_targets import GPU
-from api_table import ALL, build, runs_on
+from api_table import ALL, build, on_device, runs_on
 
 HERE = pathlib.Path(__file__).resolve().parent
 CALLS = 10_000
@@ -64,11 +64,7 @@ def test_10000_gpu_calls_do_not_grow_the_memory_pool(api):
 
     kw = build(api, np.float32)
     kw.pop("out", None)
-    for name, v in kw.items():
-        if isinstance(v, np.ndarray):
-            kw[name] = cupy.asarray(v)
-        elif isinstance(v, tuple) and any(isinstance(e, np.ndarray) for e in v):
-            kw[name] = tuple(None if e is None else cupy.asarray(e) for e in v)
+    kw = on_device(kw)
     pool = cupy.get_default_memory_pool()
 
     def step():
