@@ -56,7 +56,10 @@ class Call:
     def run(self, backend):
         kw = copy.deepcopy(self.kwargs)
         res = self.fn(**kw, backend=backend)
-        return res, [kw[k] for k in self.inplace]
+        moved = [kw[k] for k in self.inplace]
+        if "generator" in self.extra:    # the stream position the call leaves behind
+            moved.append(np.array(kw[self.extra["generator"]].state, np.uint64))
+        return res, moved
 
     def __repr__(self):
         def show(v):
@@ -276,6 +279,85 @@ def dropout_calls(draw, dtypes):
                 bitwise=(4,), dtype=dtype, extra=ROUNDED_SUM)
 
 
+# --------------------------------------------------------------------------- random
+
+OFFSETS = st.sampled_from([0, 1, 2**32 - 1, 2**32, 2**64 - 3])
+
+
+@st.composite
+def random_calls(draw, dtypes):
+    """Philox blocks, raw bits, uniform and normal draws: shapes with 0- and 1-sized
+    dimensions, generators at offsets where the counter's words carry or wrap."""
+    dtype = np.dtype(draw(st.sampled_from(dtypes)))
+    rng = np.random.default_rng(draw(SEEDS))
+    op = draw(st.sampled_from(["philox4x32", "random_bits", "uniform", "normal"]))
+    if op == "philox4x32":
+        n = draw(SIZES)
+        counter = rng.integers(0, 2**32, (n, 4), dtype=np.uint64).astype(np.uint32)
+        key = rng.integers(0, 2**32, 2, dtype=np.uint64).astype(np.uint32)
+        return Call(op, fastreg.random.philox4x32, dict(counter=counter, key=key),
+                    dtype=dtype)
+    gen = fastreg.random.Generator(draw(st.integers(0, 2**64 - 1)), draw(OFFSETS))
+    kw = dict(shape=_shape(draw, 0, 3), rng=gen)
+    if op == "random_bits":
+        return Call(op, fastreg.random.random_bits, kw, dtype=dtype)
+    kw["dtype"] = dtype
+    fn = fastreg.random.uniform if op == "uniform" else fastreg.random.normal
+    return Call(op, fn, kw, dtype=dtype, extra={"generator": "rng"})
+
+
+# --------------------------------------------------------------------------- batch norm, split
+
+@st.composite
+def batch_norm_split_calls(draw, dtypes):
+    """The split batch norm (stats, combine, apply, backward reduce and apply) as
+    fastreg.distributed runs it, on random shapes and layouts."""
+    dtype = np.dtype(draw(st.sampled_from(dtypes)))
+    rng = np.random.default_rng(draw(SEEDS))
+    C = draw(st.integers(1, 5))
+    x, axis = _channel_x(draw, rng, dtype, C)
+    count = x.size // C
+    op = draw(st.sampled_from(["stats", "combine", "apply", "backward_reduce",
+                               "backward_apply"]))
+    if op == "stats":
+        return Call("batch_norm_stats", fastreg.batch_norm_stats, dict(x=x, axis=axis),
+                    dtype=dtype)
+    if op == "combine":
+        P = draw(st.integers(1, 4))
+        counts = rng.integers(0, 5, (P, C)).astype(np.float64)
+        return Call("batch_norm_combine", fastreg.batch_norm_combine,
+                    dict(counts=counts, means=rng.standard_normal((P, C)),
+                         m2s=rng.uniform(0, 4, (P, C)) * counts), dtype=np.float64)
+    mean = rng.standard_normal(C)
+    var = rng.uniform(0.0, 2.0, C)
+    activation = draw(st.sampled_from([None, "relu"]))
+    w, b = _maybe(draw, rng, (C,), dtype), _maybe(draw, rng, (C,), dtype)
+    if op == "apply":
+        running = draw(st.booleans())
+        return Call("batch_norm_apply", fastreg.batch_norm_apply,
+                    dict(x=x, mean=mean, var=var, weight=w, bias=b,
+                         running_mean=rng.standard_normal(C).astype(np.float32) if running
+                         else None,
+                         running_var=np.ones(C, np.float32) if running else None,
+                         count=count, momentum=draw(MOMENTUM), eps=draw(EPS), axis=axis,
+                         activation=activation),
+                    inplace=("running_mean", "running_var") if running else (), dtype=dtype,
+                    extra=dict(FOLDED, rstd_of_var=True))
+    rstd = 1 / np.sqrt(var + 1e-5)
+    y = place(rng, x.shape, dtype) if activation else None
+    dy = place(rng, x.shape, dtype, draw(LAYOUTS))
+    if op == "backward_reduce":
+        return Call("batch_norm_backward_reduce", fastreg.batch_norm_backward_reduce,
+                    dict(dy=dy, x=x, mean=mean, rstd=rstd, axis=axis, y=y,
+                         activation=activation), kind="grad", dtype=dtype)
+    return Call("batch_norm_backward_apply", fastreg.batch_norm_backward_apply,
+                dict(dy=dy, x=x, mean=mean, rstd=rstd, weight=w if w is not None else
+                     place(rng, (C,), dtype), sum_dy=rng.standard_normal(C) * count,
+                     sum_dy_xhat=rng.standard_normal(C) * count, count=count,
+                     training=draw(st.booleans()), axis=axis, y=y, activation=activation),
+                kind="grad", dtype=dtype, extra=FOLDED)
+
+
 # --------------------------------------------------------------------------- prox
 
 THRESHOLDS = st.sampled_from([0.0, 1e-6, 0.5, 3.0, 1e30])
@@ -408,7 +490,10 @@ def _fold_floor(call, r_res):
     (terms of size rstd * |dy * w|)."""
     kw = call.kwargs
     x, w = kw["x"], kw.get("weight")
-    rstd = kw["rstd"] if "rstd" in kw else r_res[-1]
+    if call.extra.get("rstd_of_var"):
+        rstd = 1 / np.sqrt(kw["var"] + kw["eps"])
+    else:
+        rstd = kw["rstd"] if "rstd" in kw else r_res[-1]
     big = kw["dy"] if "dy" in kw else x
     if big.size == 0 or rstd is None or rstd.size == 0:
         return 0.0

@@ -15,6 +15,7 @@ from api_table import BY_NAME, runs_on
 from strategies import (
     Call,
     batch_norm_calls,
+    batch_norm_split_calls,
     check_against_reference,
     check_low_precision,
     dropout_calls,
@@ -22,6 +23,7 @@ from strategies import (
     instance_norm_calls,
     norm_calls,
     prox_calls,
+    random_calls,
     row_norm_calls,
 )
 
@@ -58,6 +60,16 @@ def test_prox_family_cpu_matches_reference(call):
     check_against_reference(call, "cpu")
 
 
+@given(call=random_calls(CPU))
+def test_random_family_cpu_matches_reference(call):
+    check_against_reference(call, "cpu")
+
+
+@given(call=batch_norm_split_calls(CPU))
+def test_split_batch_norm_cpu_matches_reference(call):
+    check_against_reference(call, "cpu")
+
+
 def _emulated(call):
     return runs_on(BY_NAME[call.name], "cuda_emulator")
 
@@ -79,8 +91,9 @@ def test_channel_norms_emulated_match_reference(call):
 
 @needs_emulator
 @pytest.mark.gpu
-@given(call=prox_calls([np.float32]) | dropout_calls([np.float32]))
-def test_prox_and_dropout_emulated_match_reference(call):
+@given(call=prox_calls([np.float32]) | dropout_calls([np.float32]) |
+       random_calls([np.float32]) | batch_norm_split_calls([np.float32]))
+def test_prox_dropout_random_and_split_batch_norm_emulated_match_reference(call):
     if not _emulated(call):     # the CUDA backends name what they do not run yet
         return
     check_against_reference(call, "cuda_emulator")
