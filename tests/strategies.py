@@ -54,12 +54,16 @@ class Call:
     extra: dict = field(default_factory=dict)
 
     def run(self, backend):
-        kw = copy.deepcopy(self.kwargs)
+        if backend == "cuda":            # CuPy arrays in, NumPy arrays out
+            from api_table import on_device
+            kw = on_device(self.kwargs)
+        else:
+            kw = copy.deepcopy(self.kwargs)
         res = self.fn(**kw, backend=backend)
         moved = [kw[k] for k in self.inplace]
         if "generator" in self.extra:    # the stream position the call leaves behind
             moved.append(np.array(kw[self.extra["generator"]].state, np.uint64))
-        return res, moved
+        return to_host(res), to_host(moved)
 
     def __repr__(self):
         def show(v):
@@ -67,6 +71,22 @@ class Call:
                 return f"array{v.shape}:{v.dtype}:{'C' if v.flags.c_contiguous else v.strides}"
             return repr(v)
         return f"{self.name}({', '.join(f'{k}={show(v)}' for k, v in self.kwargs.items())})"
+
+
+def to_host(value):
+    """value with every CuPy array (in tuples, lists and masks too) copied to NumPy."""
+    if type(value).__module__.split(".")[0] == "cupy" and hasattr(value, "get"):
+        return value.get()
+    if isinstance(value, tuple):
+        return tuple(to_host(v) for v in value)
+    if isinstance(value, list):
+        return [to_host(v) for v in value]
+    if isinstance(value, (fastreg.DropoutMask, fastreg.GaussianMask)) and \
+            getattr(value, "bits", None) is not None and not isinstance(value.bits, np.ndarray):
+        m = copy.copy(value)
+        m.bits = value.bits.get()
+        return m
+    return value
 
 
 def place(rng, shape, dtype, layout="contig", scale=1.0, offset=0.0):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from hypothesis import given
 
-from _cuda_targets import BF16, needs_emulator
+from _cuda_targets import BF16, GPU, needs_emulator
 from api_table import BY_NAME, runs_on
 from strategies import (
     Call,
@@ -28,6 +28,7 @@ from strategies import (
 )
 
 CPU = [np.float32, np.float64]
+LOW = [np.float16, BF16]
 
 
 @given(call=row_norm_calls(CPU))
@@ -99,6 +100,29 @@ def test_prox_dropout_random_and_split_batch_norm_emulated_match_reference(call)
     check_against_reference(call, "cuda_emulator")
 
 
+# --------------------------------------------------------------------------- on a GPU
+
+needs_gpu = pytest.mark.skipif(not GPU, reason="needs CuPy and a CUDA device")
+
+
+@needs_gpu
+@pytest.mark.gpu
+@given(call=norm_calls([np.float32, np.float64]) | prox_calls([np.float32]) |
+       dropout_calls([np.float32]) | random_calls([np.float32]) |
+       batch_norm_split_calls([np.float32]))
+def test_every_family_on_the_gpu_matches_reference(call):
+    if _emulated(call):
+        check_against_reference(call, "cuda")
+
+
+@needs_gpu
+@pytest.mark.gpu
+@given(call=norm_calls(LOW, backward=False) | prox_calls(LOW) | dropout_calls(LOW))
+def test_16_bit_on_the_gpu_matches_reference(call):
+    if _emulated(call):
+        check_low_precision(call, "cuda")
+
+
 # --------------------------------------------------------------------------- found by the above
 
 @pytest.mark.parametrize("N,K,O", [(0, 1, 0), (3, 0, 2), (2, 3, 0), (0, 0, 0)])
@@ -132,8 +156,6 @@ def test_scalers_with_no_features(shape, axis):
 
 
 # --------------------------------------------------------------------------- 16-bit, emulated
-
-LOW = [np.float16, BF16]
 
 
 @needs_emulator
