@@ -28,7 +28,7 @@ import math
 
 import numpy as np
 
-from . import _checks
+from . import _backend, _checks
 from . import norm as _norm
 from . import prox as _prox
 from . import random as _random
@@ -39,6 +39,13 @@ from .dropout import (_BITS, _MASK_KINDS, _MODES, _nwords, drop_connect, drop_co
 __all__ = ["Module", "Linear", "ReLU", "LayerNorm", "RMSNorm", "BatchNorm1d", "BatchNorm2d",
            "GroupNorm", "Dropout", "GaussianNoise", "DropConnectLinear", "Sequential",
            "SGD", "AdamW", "MaxNorm", "CrossEntropyLoss", "EarlyStopping"]
+
+
+def _check_array(layer, x):
+    """A forward's input must be an array (what it is beyond that, the kernels check)."""
+    if _backend.array_kind(x) is None:
+        raise TypeError(f"{type(layer).__name__}.forward: 'x' must be a NumPy or CuPy array, "
+                        f"got {type(x).__name__}.")
 
 
 class Module:
@@ -190,6 +197,7 @@ class ReLU(Module):
     """``y = max(x, 0)``; the backward passes dy where y > 0."""
 
     def forward(self, x, training=True):
+        _check_array(self, x)
         y = self._buffer("y", x.shape, x.dtype)
         np.maximum(x, 0, out=y)
         self._saved = y
@@ -237,6 +245,7 @@ class LayerNorm(_Affine):
         self._saved = None
 
     def forward(self, x, training=True):
+        _check_array(self, x)
         k = len(self.normalized_shape)
         w, b = self._wb()
         batch = x.shape[:x.ndim - k] if x.ndim >= k else ()
@@ -271,6 +280,7 @@ class RMSNorm(_Affine):
         self._saved = None
 
     def forward(self, x, training=True):
+        _check_array(self, x)
         k = len(self.normalized_shape)
         batch = x.shape[:x.ndim - k] if x.ndim >= k else ()
         out = (self._buffer("y", x.shape, x.dtype), self._buffer("rstd", batch, _stat(x)))
@@ -319,6 +329,7 @@ class _BatchNorm(_Affine):
 
     def _check_input(self, x):
         name = type(self).__name__
+        _check_array(self, x)
         if x.ndim not in self._ndims:
             raise ValueError(f"{name}.forward: 'x' must be "
                              f"{' or '.join(f'{d}-D' for d in self._ndims)}, got shape {x.shape}.")
@@ -386,6 +397,7 @@ class GroupNorm(_Affine):
         self._saved = None
 
     def forward(self, x, training=True):
+        _check_array(self, x)
         G, N = self.num_groups, x.shape[0]
         out = (self._buffer("y", x.shape, x.dtype), self._buffer("mean", (N, G), _stat(x)),
                self._buffer("rstd", (N, G), _stat(x)))
@@ -437,6 +449,7 @@ class Dropout(Module):
         return self._saved
 
     def forward(self, x, training=True):
+        _check_array(self, x)
         training = _checks.flag("training", training, caller="Dropout.forward")
         y = self._buffer("y", x.shape, x.dtype)
         bits = (self._buffer("bits", (_nwords(x.size),), _BITS)
@@ -466,6 +479,7 @@ class GaussianNoise(Module):
         self._saved = None
 
     def forward(self, x, training=True):
+        _check_array(self, x)
         training = _checks.flag("training", training, caller="GaussianNoise.forward")
         y = self._buffer("y", x.shape, x.dtype)
         gaussian_noise(x, self.std, rng=self.rng, training=training, out=y)

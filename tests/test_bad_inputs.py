@@ -251,3 +251,23 @@ def test_the_valid_call_of_each_row_runs_and_modifies_only_what_it_owns(api, bac
     api.call(kw, backend if api.backend_kw else None)
     for k, h in before.items():
         assert fingerprint({k: kw[k]}) == h, f"{api.name}: '{k}' was modified"
+
+
+# --------------------------------------------------------------------------- fastreg.nn layers
+
+def _layers():
+    import fastreg.nn as nn
+    rng = np.random.default_rng(0)
+    return [nn.Linear(6, 3, rng=rng), nn.ReLU(), nn.LayerNorm(6), nn.RMSNorm(6),
+            nn.BatchNorm1d(6), nn.GroupNorm(2, 6), nn.Dropout(0.3), nn.GaussianNoise(0.1),
+            nn.DropConnectLinear(6, 3, p=0.2, rng=rng), nn.Sequential(nn.LayerNorm(6))]
+
+
+@pytest.mark.parametrize("bad", [[[1.0] * 6] * 4, 3.0, "x", None], ids=["list", "float", "str",
+                                                                        "none"])
+def test_nn_layers_reject_a_non_array_input_naming_the_layer(bad):
+    for layer in _layers():
+        name = type(layer.layers[0] if hasattr(layer, "layers") else layer).__name__
+        with pytest.raises(TypeError, match=rf"^{name}\.forward: 'x' must be a NumPy or CuPy "
+                                            "array"):
+            layer.forward(bad, training=True)
