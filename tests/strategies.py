@@ -633,7 +633,6 @@ def check_low_precision(call, backend):
     g_all = flatten(got[0]) + flatten(got[1])
     r64 = flatten(ref64[0]) + flatten(ref64[1])
     r32 = flatten(ref32[0]) + flatten(ref32[1])
-    n_res = len(flatten(ref64[0]))
     case = f"{backend} vs reference ({call.dtype}): {call!r}"
     assert len(g_all) == len(r64), case
     for i, (g, r, lo) in enumerate(zip(g_all, r64, r32)):

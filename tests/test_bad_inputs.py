@@ -18,7 +18,6 @@ import math
 import numpy as np
 import pytest
 
-import fastreg
 from api_table import ALL, fingerprint, public_functions, runs_on
 
 VE, TE = ValueError, TypeError

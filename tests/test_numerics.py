@@ -342,7 +342,7 @@ def test_float32_large_offset_on_the_gpu(op, rng):
     assert err < 4e-6, f"{op.name} on the GPU, mean 1e6: max |y - y_float64| = {err:.3g}"
 
 
-# --------------------------------------------------------------------------- prox near the float16 maximum
+# --------------------------------------------------------------------------- prox near float16 max
 
 def _near_max_calls(rng):
     """Calls whose inputs sit near the float16 maximum (65504) and whose exact results
