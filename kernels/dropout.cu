@@ -615,7 +615,7 @@ __device__ __forceinline__ void dropout_add_ln_fwd(
     group_sum(q, R, scratch + 32);
     dm = q[0] / n;
     var = q[1] / n - dm * dm;
-    var = var > A(0) ? var : A(0);
+    var = var < A(0) ? A(0) : var;  // NaN stays NaN
   } else {
     A q[1] = {A(0)};
 #pragma unroll

@@ -171,7 +171,7 @@ __device__ __forceinline__ void row_norm_fwd(const T* __restrict__ x, const T* _
     group_sum(q, R, scratch + 32);
     dm = q[0] / n;
     var = q[1] / n - dm * dm;
-    var = var > A(0) ? var : A(0);
+    var = var < A(0) ? A(0) : var;  // NaN stays NaN
   } else {
     A s[1] = {A(0)};
 #pragma unroll
