@@ -873,14 +873,17 @@ def _exp_row_f32(zr, m, er, nbuf):
         zs = zr[j0:j0 + _E_BLOCK]
         es = er[j0:j0 + _E_BLOCK]
         for k in range(zs.size):
-            x = zs[k] - m
-            x = x if x > _E_MIN else _E_MIN
+            xn = zs[k] - m
+            x = xn if xn > _E_MIN else _E_MIN
             fx = np.floor(x * _E_LOG2E + _E_HALF)
             r = x - fx * _E_LN2_HI
             r = r - fx * _E_LN2_LO
             y = (((((p0 * r + p1) * r + p2) * r + p3) * r + p4) * r + p5) * (r * r) + r + _E_ONE
-            es[k] = y
-            nbuf[k] = np.int32(fx)
+            # a NaN (a NaN logit, or inf - inf) stays NaN: the clamp would make it
+            # exp(-87), and a shifted exponent would turn its bits into a number
+            nan = xn != xn
+            es[k] = xn if nan else y
+            nbuf[k] = np.int32(0) if nan else np.int32(fx)
         bits = es.view(np.int32)
         for k in range(zs.size):
             bits[k] += nbuf[k] << 23
