@@ -313,6 +313,29 @@ def test_nan_and_inf_reach_only_what_shares_their_statistics(op, backend, bad, r
                     f"{case}: {name} changed outside the touched statistics"
             if op.centred:   # the whole row/group is NaN (its mean and variance are)
                 assert np.isnan(d[region].astype(np.float64)).all(), f"{case}: y in the region"
+            # the statistics: non-finite for the touched one, bitwise the others
+            stat_region = op.stat_mask(shape, axis, idx)
+            if op.channel:
+                c_ax = axis % len(shape)
+                if op.name == "batch_norm":
+                    srows = stat_region.any(axis=tuple(a for a in range(len(shape)) if a != c_ax))
+                elif op.name == "instance_norm":
+                    srows = stat_region.any(axis=tuple(a for a in range(1, len(shape))
+                                                       if a != c_ax))
+                else:
+                    per = shape[c_ax] // GROUPS
+                    srows = np.zeros((shape[0], GROUPS), bool)
+                    srows[idx[0], idx[c_ax] // per] = True
+            else:
+                srows = np.zeros(shape[0], bool)
+                srows[idx[0]] = True
+            for k, (cs, ds) in enumerate(zip(clean_res[1:], dirty_res[1:])):
+                sr = srows.reshape(ds.shape)
+                if not op.centred and np.isinf(bad):   # mean(x^2) = inf: rstd = 0
+                    assert (ds[sr] == 0).all(), f"{case}: rstd of an infinite row"
+                else:
+                    assert not np.isfinite(ds[sr]).any(), f"{case}: statistic {k} stayed finite"
+                assert ds[~sr].tobytes() == cs[~sr].tobytes(), f"{case}: statistic {k} moved"
             clean_g = op.bwd(dy, x, _stats(op, clean_res), w, b, backend, axis)
             dirty_g = op.bwd(dy, dirty, _stats(op, dirty_res), w, b, backend, axis)
             dx_c, dx_d = clean_g[0], dirty_g[0]
@@ -387,3 +410,88 @@ def test_float16_near_its_maximum_through_the_prox_kernels(rng):
             assert np.isfinite(np.asarray(a, np.float64)).all(), \
                 f"{call.name}: result {i} not finite"
         check_low_precision(call, "cuda_emulator")
+
+
+# --------------------------------------------------------------------------- NaN / Inf, other families
+
+def _confined_cases():
+    """(name, fn(x, backend) -> arrays shaped like x (or per row / per column), the
+    region of x's (6, 10) shape a bad element at (2, 3) may reach: "row", "col", "elem",
+    the results that must carry it)."""
+    def dal(x, b):
+        res = np.ones_like(x)
+        y, s, mean, rstd, mask = fastreg.dropout_add_layer_norm(x, res, None, None, 0.3, rng=4,
+                                                                mask="bits", backend=b)
+        dx, dres, _, _ = fastreg.dropout_add_layer_norm_backward(
+            np.ones_like(x), s, mean, rstd, None, None, mask, backend=b)
+        return [y, s, dx, dres, mean[:, None], rstd[:, None]]
+
+    def ce(x, b):
+        t = np.arange(6) % 10
+        loss, grad = fastreg.cross_entropy_label_smoothing(x, t, smoothing=0.1,
+                                                           reduction="none", backend=b)
+        return [loss[:, None], grad]
+
+    def sgd(x, b):
+        w, buf = np.ones_like(x), np.ones_like(x)
+        fastreg.sgd_step(w, x, lr=0.1, momentum=0.9, momentum_buffer=buf, l1=0.01, backend=b)
+        return [w, buf]
+
+    def adam(x, b):
+        w, m, v = np.ones_like(x), np.zeros_like(x), np.zeros_like(x)
+        fastreg.adamw_step(w, x, m, v, step=1, lr=0.1, l1=0.01, backend=b)
+        return [w, m, v]
+
+    return [
+        ("dropout_add_layer_norm", dal, "row", (0, 1, 2, 3, 4, 5)),
+        ("cross_entropy_label_smoothing", ce, "row", (0, 1)),
+        ("prox_group_l1", lambda x, b: [fastreg.prox_group_l1(x, 0.5, axis=1, backend=b)],
+         "row", (0,)),
+        ("max_norm", lambda x, b: [fastreg.max_norm(x, 1.0, axis=0, backend=b)], "col", (0,)),
+        ("standardize", lambda x, b: [a.reshape(-1, 10) for a in
+                                      fastreg.standardize(x, axis=0, backend=b)], "col",
+         (0, 1, 2)),
+        ("min_max_scale", lambda x, b: [a.reshape(-1, 10) for a in
+                                        fastreg.min_max_scale(x, axis=0, backend=b)], "col",
+         (0,)),   # min of a column with +inf is finite
+        ("dropout", lambda x, b: [fastreg.dropout(x, 0.3, rng=5, backend=b)[0]], "elem", (0,)),
+        ("gaussian_dropout", lambda x, b: [fastreg.gaussian_dropout(x, 0.3, rng=5,
+                                                                    backend=b)[0]], "elem",
+         (0,)),
+        ("sgd_step", sgd, "elem", (0, 1)),
+        ("adamw_step", adam, "elem", (0, 1, 2)),
+    ]
+
+
+CONFINED = _confined_cases()
+
+
+def _reach(shape, reach, at=(2, 3)):
+    """The elements of a result of this shape that a bad x[2, 3] may reach."""
+    mask = np.zeros(shape, bool)
+    rows = shape[0] == 6
+    cols = shape[-1] == 10
+    if reach == "row" and rows:
+        mask[at[0]] = True
+    elif reach == "col" and cols:
+        mask[..., at[1]] = True
+    elif reach == "elem":
+        mask[at[0] if rows else slice(None), at[1] if cols else slice(None)] = True
+    return mask
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf], ids=["nan", "inf"])
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name,fn,reach,must", CONFINED, ids=[c[0] for c in CONFINED])
+def test_nan_and_inf_stay_in_their_row_column_or_element(name, fn, reach, must, backend, bad,
+                                                         rng):
+    x = rng.standard_normal((6, 10)).astype(np.float32)
+    dirty = x.copy()
+    dirty[2, 3] = bad
+    for i, (c, d) in enumerate(zip(fn(x, backend), fn(dirty, backend))):
+        region = _reach(d.shape, reach)
+        assert d[~region].tobytes() == c[~region].tobytes(), \
+            f"{name} on {backend}: result {i} changed outside the touched {reach}"
+        if i in must:
+            assert not np.isfinite(d[region]).all(), \
+                f"{name} on {backend}: result {i} does not carry the {bad}"
