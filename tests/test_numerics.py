@@ -488,7 +488,9 @@ def test_nan_and_inf_stay_in_their_row_column_or_element(name, fn, reach, must, 
     x = rng.standard_normal((6, 10)).astype(np.float32)
     dirty = x.copy()
     dirty[2, 3] = bad
-    for i, (c, d) in enumerate(zip(fn(x, backend), fn(dirty, backend))):
+    with np.errstate(invalid="ignore"):     # inf - inf inside NumPy code is the point
+        clean, bad_res = fn(x, backend), fn(dirty, backend)
+    for i, (c, d) in enumerate(zip(clean, bad_res)):
         region = _reach(d.shape, reach)
         assert d[~region].tobytes() == c[~region].tobytes(), \
             f"{name} on {backend}: result {i} changed outside the touched {reach}"
