@@ -12,7 +12,7 @@ definitions on the stored inputs.
   channel, instance), forward and backward: everything else is bitwise the
   result without it.
 
-Known limit (HARDENING.md): the saved mean is stored in float32 for float32
+Known limit (README, Known limits): the saved mean is stored in float32 for float32
 inputs, so a backward at |mean|/std ~ 1e6 carries its rounding; the forward
 does not.
 """
@@ -236,7 +236,7 @@ def test_16_bit_large_values_forward_and_backward_are_finite_and_accurate(op, dt
         g = g.astype(np.float64)
         assert np.isfinite(g).all(), f"{case}: non-finite {name}"
         # the saved float32 mean is off by up to half an ulp of itself: offset/std times
-        # float32's eps in xhat (HARDENING.md, known limits)
+        # float32's eps in xhat (README, Known limits)
         bound = _low_bound(r, dtype) + 4 * EPS32 * offset / std * np.abs(r).max()
         assert (np.abs(g - r) <= bound).all(), \
             f"{case}: {name} max err {np.abs(g - r).max():.3g}"
