@@ -43,7 +43,9 @@ import math
 import numpy as np
 
 from . import TAGS, VEC, _device
+from . import norm as _norm
 from . import random as _random
+from .norm import _rows
 
 MODULE = "dropout"
 
@@ -316,28 +318,14 @@ def drop_connect_inference(x, weight, bias, seed, offset, mean_scale, var_scale,
 # =========================================================================== dropout + add + LN
 
 def row_plan(direction, tag, D):
-    """(R, K, max_threads) of the register path for rows of D elements, or None (loop path)."""
-    N = VEC[tag]
-    R = 32
-    while R <= 1024:
-        for K, max_threads in ROW_KERNELS[direction][tag]:
-            if R <= max_threads and R * K * N >= D:
-                return R, K, max_threads
-        R *= 2
-    return None
+    """(R, K, max_threads) of the fused op's register path (the row kernels' rule,
+    over this module's instances), or None (loop path)."""
+    return _norm.row_plan(direction, tag, D, ROW_KERNELS)
 
 
 def backward_blocks(row_groups, threads):
-    """Grid of the register-path backward: fixed by the shapes (see the module doc)."""
-    return max(1, min(row_groups, H100_SMS * max(1, 512 // threads)))
-
-
-def _rows(a, k):
-    D = int(np.prod(a.shape[a.ndim - k:]))
-    M = int(np.prod(a.shape[:a.ndim - k]))
-    if M >= 2**31 or D >= 2**31:
-        raise ValueError(f"rows of {D} elements x {M} rows exceed the kernels' 2**31 limits")
-    return M, D
+    """Grid of the fused op's register-path backward (the row kernels' rule)."""
+    return _norm.backward_blocks(row_groups, threads, H100_SMS)
 
 
 def _param(dev, a, D):

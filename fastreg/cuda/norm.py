@@ -83,21 +83,27 @@ def hot_kernel_names():
     return [n for n in kernel_names() if "_params_" not in n and "sum_partials" not in n]
 
 
-def row_plan(direction, tag, D):
-    """(R, K, max_threads) of the register path for rows of D elements, or None (loop path)."""
+def row_plan(direction, tag, D, kernels=None):
+    """(R, K, max_threads) of the register path for rows of D elements, or None (loop path).
+
+    ``kernels``: the (K, largest block) table of the module's instances (default
+    this module's ``ROW_KERNELS``; the fused dropout + add + LayerNorm passes its own).
+    """
+    kernels = ROW_KERNELS if kernels is None else kernels
     N = VEC[tag]
     R = 32
     while R <= 1024:
-        for K, max_threads in ROW_KERNELS[direction][tag]:
+        for K, max_threads in kernels[direction][tag]:
             if R <= max_threads and R * K * N >= D:
                 return R, K, max_threads
         R *= 2
     return None
 
 
-def backward_blocks(row_groups, threads):
+def backward_blocks(row_groups, threads, sms=None):
     """Grid of the register-path backward: fixed by the shapes (see the module doc)."""
-    return max(1, min(row_groups, H100_SMS * max(1, 512 // threads)))
+    sms = H100_SMS if sms is None else sms
+    return max(1, min(row_groups, sms * max(1, 512 // threads)))
 
 
 def _rows(a, k):
