@@ -53,6 +53,8 @@ ROW_SHAPES = [
     ((3, 1030), 1, "contig"),
     ((263, 9), 1, "contig"),        # 9 rows per reduction block: groups of 4, 4 and 1
     ((300, 37), 1, "contig"),       # forward row blocks of 192 rows: 2 blocks of mask words
+    ((263, 32), 1, "contig"),       # whole mask words per row: bits applied word by word
+    ((9, 2, 32), 2, "strided"),
     ((5, 37), 1, "strided"),
     ((0, 4), 1, "contig"),
     ((4, 3, 2, 5), 1, "channels_last"),

@@ -23,6 +23,14 @@ Kernels work in chunks of ``CHUNK`` elements (``CHUNK / 4`` blocks): one
 the element loop on array *slices* indexed from 0. (Indexing a whole array as
 ``x[e0 + j]`` kept LLVM from vectorizing; the slices do not.)
 
+Overlapping Philox with memory: a chunk's words are computed before its
+elements are read, and the hardware prefetchers see no loads meanwhile, so
+the kernels that read big inputs fill their words in pieces of
+``PIECE_BLOCKS`` blocks and, after each piece, prefetch the next lines of
+the inputs the words are for (:func:`_fill_blocks_prefetch`). The words take
+about 0.27 ns each per core; hiding part of that under the loads made dropout
+forward 3-8% and the fused dropout + add + LN forward about 10% faster.
+
 Mask bits (``mask="bits"``): a uint32 array of ``ceil(size / 32)`` words;
 element ``i`` is bit ``i % 32`` of word ``i // 32`` (least significant bit
 first), bits past ``size`` are 0. Its bytes on a little-endian machine are
@@ -99,6 +107,49 @@ def _fill_blocks(w, nblocks, k0, k1, first):
         w[4 * b + 1] = r1
         w[4 * b + 2] = r2
         w[4 * b + 3] = r3
+
+
+@intrinsic
+def _prefetch(typingctx, a, i):
+    """Hint the cache line of ``a.flat[i]`` into L1 (``llvm.prefetch``, read,
+    high locality); no effect on results. ``a``: a C-contiguous array."""
+    if not (isinstance(a, types.Array) and a.layout == "C"):
+        return None
+
+    def codegen(context, builder, signature, args):
+        arr = context.make_array(signature.args[0])(context, builder, args[0])
+        i8p = ir.IntType(8).as_pointer()
+        i32 = ir.IntType(32)
+        ptr = builder.bitcast(builder.gep(arr.data, [args[1]]), i8p)
+        fn = builder.module.globals.get("llvm.prefetch.p0")
+        if fn is None:
+            fn = ir.Function(builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]),
+                             "llvm.prefetch.p0")
+        builder.call(fn, [ptr, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+        return context.get_dummy_value()
+    return types.none(a, i), codegen
+
+
+# Blocks per piece of an interleaved fill: the words of 256 elements, after
+# which the next 1 KiB of each prefetched array is requested.
+PIECE_BLOCKS = 64
+
+
+@numba.njit(**_SERIAL)
+def _fill_blocks_prefetch(w, nblocks, k0, k1, first, a, b, e0, m):
+    """:func:`_fill_blocks`, with a[e0:e0+m] and b[e0:e0+m] (1-D, C order; b may
+    be a) prefetched line by line between pieces of the fill, so the memory
+    of the chunk streams in while Philox computes its words."""
+    step = 64 // a.itemsize          # elements per cache line
+    per_piece = 4 * PIECE_BLOCKS
+    for q in range(0, nblocks, PIECE_BLOCKS):
+        nb = min(PIECE_BLOCKS, nblocks - q)
+        _fill_blocks(w[4 * q:], nb, k0, k1, first + np.uint64(q))
+        lo = e0 + 4 * q
+        hi = min(e0 + m, lo + per_piece)
+        for e in range(lo, hi, step):
+            _prefetch(a, e)
+            _prefetch(b, e)
 
 
 @numba.njit(**_SERIAL)
@@ -327,7 +378,8 @@ def _dropout_fwd(x, k0, k1, offset, threshold, scale, y, bits):
         m = min(CHUNK, n - e0)
         w = np.empty(CHUNK, np.uint32)
         if threshold != 0:
-            _fill_blocks(w, (m + 3) // 4, k0, k1, offset + np.uint64(ch * CHUNK_BLOCKS))
+            _fill_blocks_prefetch(w, (m + 3) // 4, k0, k1, offset + np.uint64(ch * CHUNK_BLOCKS),
+                                  x, x, e0, m)
         _apply_keep(x[e0:e0 + m], y[e0:e0 + m], w, threshold, scale)
         if store:
             _pack_bits(bits[e0 // 32:(e0 + m + 31) // 32], w, m, threshold)
@@ -519,13 +571,17 @@ def _dropout_add_ln_fwd(x, res, w, b, k0, k1, offset, threshold, scale, eps, row
     inv_d = 1.0 / max(D, 1)
     zero = scale - scale
     store = bits.size > 0
+    xf = x.reshape(-1)
+    rf = res.reshape(-1)
     for blk in prange((M + rows_per_block - 1) // rows_per_block):
         i0 = blk * rows_per_block
         i1 = min(M, i0 + rows_per_block)
         count = (i1 - i0) * D
         words = np.empty((count + 31) // 32 * 32 + 8, np.uint32)
         if threshold != 0:
-            _fill_range(words, i0 * D, count, k0, k1, offset)   # lead 0: i0 * D % 32 == 0
+            # lead 0 (i0 * D % 32 == 0); x and res of the block stream in meanwhile
+            _fill_blocks_prefetch(words, (count + 3) // 4, k0, k1,
+                                  offset + np.uint64(i0 * D // 4), xf, rf, i0 * D, count)
         for i in range(i0, i1):
             wd = words[(i - i0) * D:(i - i0 + 1) * D]
             xi = x[i]
@@ -585,14 +641,22 @@ def _dropout_add_ln_bwd(dy, s, mean, rstd, w, dres_in, bits, k0, k1, offset, thr
     empty, else regenerated for the rows' stream range).
 
     As layer norm's backward (cpu/norm.py), rows in groups of 4: the sums of each
-    row; the 4 rows' keep factors (one contiguous stream range) into a small
-    scratch; dres and dx row by row; then the dweight/dbias partial of the row
+    row; the 4 rows' keep factors (one contiguous stream range, regenerated
+    while the next 4 rows are prefetched, or unpacked from ``bits``) into a
+    small scratch, except when every row is whole mask words: the bits are then
+    applied word by word; dres and dx row by row; then the dweight/dbias partial of the row
     block updated once per 4 rows from the cached rows. The three loops are
     separate because one loop touching every array did not vectorize (too many
     pointers for LLVM's runtime alias checks) and ran 4x slower.
     ``dres_in`` None (no incoming residual gradient) compiles its own variant."""
     M, D = s.shape
     inv_d = 1.0 / max(D, 1)
+    zero = scale - scale
+    # Whole mask words per row: the bits are applied directly (27% faster
+    # than going through per-element factors).
+    direct = bits.size > 0 and D % 32 == 0
+    dyf = dy.reshape(-1)
+    sf = s.reshape(-1)
     for blk in prange(dw_part.shape[0]):
         pw = dw_part[blk]
         pb = db_part[blk]
@@ -620,11 +684,18 @@ def _dropout_add_ln_bwd(dy, s, mean, rstd, w, dres_in, bits, k0, k1, offset, thr
                     sgx += g * (s[i, j] - mu[t])
                 a[t] = sg * inv_d
                 c[t] = sgx * inv_d * r[t] * r[t]
-            if bits.size > 0:
+            if direct:
+                pass
+            elif bits.size > 0:
                 for t in range(n):
                     _keep_factors_from_bits(bits, (g0 + t) * D, scale, kf[t])
             elif threshold != 0:
-                lead = _fill_range(words, g0 * D, n * D, k0, k1, offset)
+                # the next 4 rows of dy and s stream in while Philox computes
+                fb0 = (g0 * D) // 4
+                nxt = min(4, i1 - g0 - 4) * D if g0 + 4 < i1 else 0
+                _fill_blocks_prefetch(words, (g0 * D + n * D + 3) // 4 - fb0, k0, k1,
+                                      offset + np.uint64(fb0), dyf, sf, (g0 + 4) * D, nxt)
+                lead = g0 * D - 4 * fb0
                 for t in range(n):
                     wt = words[lead + t * D:lead + (t + 1) * D]
                     kt = kf[t]
@@ -635,6 +706,22 @@ def _dropout_add_ln_bwd(dy, s, mean, rstd, w, dres_in, bits, k0, k1, offset, thr
             for t in range(n):
                 i = g0 + t
                 mt, rt, at, ct = mu[t], r[t], a[t], c[t]
+                if direct:      # keep bits applied word by word, as _apply_bits
+                    bw = bits[i * (D // 32):(i + 1) * (D // 32)]
+                    dyi = dy[i]
+                    si = s[i]
+                    dri = dres[i]
+                    dxi = dx[i]
+                    for q in range(D // 32):
+                        word = bw[q]
+                        for u in range(32):
+                            j = 32 * q + u
+                            e = rt * (np.float64(dyi[j]) * w[j] - at - (si[j] - mt) * ct)
+                            if dres_in is not None:
+                                e += dres_in[i, j]
+                            dri[j] = e
+                            dxi[j] = e * (scale if (word >> u) & 1 else zero)
+                    continue
                 for j in range(D):
                     e = rt * (np.float64(dy[i, j]) * w[j] - at - (s[i, j] - mt) * ct)
                     if dres_in is not None:
