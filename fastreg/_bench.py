@@ -13,6 +13,10 @@ Per case (op, direction, shape, layout, dtype) the peers are
     numpy          the NumPy reference (``backend="reference"``)
     torch          PyTorch's CPU kernels on the same memory (they allocate
                    their outputs, with THP_MEM_ALLOC_ENABLE=1, see below)
+    copy           a Numba copy moving the case's minimal bytes: "% copy beside"
+                   holds the op against a ceiling timed in the same rounds
+                   (the machine's bandwidth drifts over a run; "% copy" uses
+                   the one ceiling measured at the start)
 
 timed round robin (one sample of each peer per round, so a busy spell of a
 shared machine hits every peer alike), medians after a warm-up call. The
@@ -217,6 +221,22 @@ def copy_kernel():
     return _COPY_KERNEL
 
 
+COPY_PEER = "copy (same bytes)"
+
+
+def same_bytes_copy(nbytes):
+    """A peer for a case's round robin: the Numba copy of ``nbytes / 2`` bytes into a
+    reused buffer, so it moves the case's minimal bytes. Timed in the same rounds as
+    the op, it is a ceiling that shares the op's moment (the machine is shared and
+    its bandwidth drifts over a run) and the op's footprint (a case that fits in L3
+    is held against a copy that fits too): "% copy beside"."""
+    n = max(1, int(nbytes) // 8)
+    src = np.ones(n, np.float32)
+    dst = np.zeros_like(src)                     # both touched: no page faults timed
+    kernel = copy_kernel()
+    return lambda: kernel(src, dst)
+
+
 def copy_bandwidth(array_bytes, repeat=10):
     """GB/s of a copy into a reused buffer, bytes read + bytes written.
 
@@ -281,15 +301,20 @@ def measure(case, repeat, ceiling_gbs, budget_s=None):
            "shape": list(spec.shape), "layout": spec.layout, "dtype": spec.dtype,
            "backend": "cpu",
            "bytes": case.nbytes, "first_call_s": case.first_call_s}
-    times = time_peers(case.runs, repeat, budget_s=budget_s)
+    runs = dict(case.runs)
+    runs[COPY_PEER] = same_bytes_copy(case.nbytes)
+    times = time_peers(runs, repeat, budget_s=budget_s)
     row["ms"] = {peer: t["s"] * 1e3 for peer, t in times.items()}
     row["samples"] = {peer: t["samples"] for peer, t in times.items()}
+    copy_gbs = case.nbytes / row["ms"][COPY_PEER] / 1e6
+    row["copy beside"] = {"ms": row["ms"][COPY_PEER], "GB/s": copy_gbs}
     for variant in ("fastreg", "fastreg fresh"):
         if variant not in row["ms"]:          # an in-place update has no fresh outputs
             continue
         ms = row["ms"][variant]
         gbs = case.nbytes / ms / 1e6
         row[variant] = {"ms": ms, "GB/s": gbs, "% copy": 100.0 * gbs / ceiling_gbs,
+                        "% copy beside": 100.0 * gbs / copy_gbs,
                         "x numpy": row["ms"]["numpy"] / ms,
                         "x torch": row["ms"]["torch"] / ms if "torch" in row["ms"] else None}
     if case.verify is not None:
@@ -334,7 +359,8 @@ def _f(v, fmt):
     return "-" if v is None else fmt.format(v)
 
 
-HEAD = ["case", "layout", "backend", "MB", "variant", "ms", "GB/s", "% copy", "x numpy",
+HEAD = ["case", "layout", "backend", "MB", "variant", "ms", "GB/s", "% copy", "% copy beside",
+        "x numpy",
         "x torch", "torch ms", "numpy ms", "1st call s", "max abs err", "err/tol", "ok"]
 
 
@@ -355,7 +381,7 @@ def table_cells(rows):
                      r["backend"] if i == 0 else "",
                      f"{r['bytes'] / 1e6:.1f}" if i == 0 else "", "out=" if i == 0 else "fresh",
                      _f(v["ms"], "{:.3f}"), _f(v["GB/s"], "{:.1f}"), _f(v["% copy"], "{:.0f}"),
-                     _f(v["x numpy"], "{:.1f}"), _f(v["x torch"], "{:.2f}")]
+                     _f(v.get("% copy beside"), "{:.0f}"), _f(v["x numpy"], "{:.1f}"), _f(v["x torch"], "{:.2f}")]
             if i == 0:
                 verify = r.get("verify")
                 cells += [_f(ms.get("torch"), "{:.3f}"), _f(ms["numpy"], "{:.2f}"),

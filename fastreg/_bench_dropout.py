@@ -354,6 +354,8 @@ def summary(rows):
         lines.append(f"dropout, fastreg out= (target >= {COPY_TARGET:g}% of copy): " + ", ".join(
             f"{r['direction']} {r['layout']} {r['dtype']} {r['fastreg']['% copy']:.0f}%"
             + ("" if r["fastreg"]["% copy"] >= COPY_TARGET else " (below)")
+            + (f" ({r['fastreg']['% copy beside']:.0f}% of the copy beside it)"
+               if "% copy beside" in r["fastreg"] else "")
             + (f", x{r['fastreg']['x torch']:.1f} torch" if r["fastreg"]["x torch"] else "")
             for r in drop))
     fused = [r for r in rows if r["op"] == "dropout_add_layer_norm" and "ms" in r

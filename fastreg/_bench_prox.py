@@ -345,5 +345,6 @@ def summary(rows):
     for r in sgd:
         lines.append(f"sgd_step (momentum, decoupled decay, L1) moves "
                      f"{r['fastreg']['% copy']:.0f}% of the copy ceiling's bytes per second "
-                     f"(target >= 70%)")
+                     f"(target >= 70%; {r['fastreg'].get('% copy beside', float('nan')):.0f}% "
+                     f"of the copy beside it)")
     return lines

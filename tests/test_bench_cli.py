@@ -57,6 +57,10 @@ def test_bench_quick_runs_and_writes_results(tmp_path):
         for variant in ("fastreg", "fastreg fresh"):
             v = r[variant]
             assert v["ms"] > 0 and v["GB/s"] > 0 and v["% copy"] > 0 and v["x numpy"] > 0
+            # the copy timed in the same rounds moves the case's bytes
+            beside = r["bytes"] / r["ms"]["copy (same bytes)"] / 1e6
+            assert v["% copy beside"] == pytest.approx(100 * v["GB/s"] / beside)
+        assert r["copy beside"]["GB/s"] == pytest.approx(beside)
     verified = [r for r in rows if "verify" in r]
     assert len(verified) == 4                 # fwd and bwd of both shapes
     assert all(r["ok"] and r["verify"]["err/tol"] <= 1 for r in verified)
