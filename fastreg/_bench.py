@@ -150,14 +150,19 @@ def nbytes(*arrays):
 
 # =========================================================================== timing
 
-def time_peers(runs, repeat, *, budget_s=None, min_sample_s=2e-3, max_number=100):
+def time_peers(runs, repeat, *, budget_s=None, min_sample_s=2e-3, max_number=100, warm_s=0.0):
     """Median seconds per call of each peer.
 
     One warm-up call per peer (and, if it was quick, a second call) sets how
     many calls make one sample: enough for ``min_sample_s``, so
     sub-millisecond calls are not timer noise; such short samples start
     after one untimed call, so a peer's caches are its own, not what the
-    previous peer left. Then ``repeat`` rounds, each taking one sample of
+    previous peer left. With ``warm_s``, a peer whose call is shorter than
+    that runs untimed for ``warm_s`` before each sample: after a
+    single-threaded peer (the NumPy reference, parts of PyTorch) has left a
+    core idle, a 2-thread kernel here ran up to 2x slower for its next
+    ~25 ms (compute-bound Philox loops most; a copy barely), so a sample
+    taken cold measures the previous peer's idling. Then ``repeat`` rounds, each taking one sample of
     every peer, in an order shuffled per round (seeded), so no peer always
     follows the same one. With ``budget_s`` a peer stops
     once it has 3 samples and has used that many seconds (the NumPy
@@ -170,11 +175,13 @@ def time_peers(runs, repeat, *, budget_s=None, min_sample_s=2e-3, max_number=100
         return time.perf_counter() - t0
 
     number = {}
+    warm = {}
     for peer, fn in runs.items():
         t = once(fn)
         if t < min_sample_s:
             t = once(fn)
         number[peer] = max(1, min(max_number, math.ceil(min_sample_s / max(t, 1e-9))))
+        warm[peer] = t < warm_s
     order = np.random.default_rng(0)
     samples = {peer: [] for peer in runs}
     spent = dict.fromkeys(runs, 0.0)
@@ -188,7 +195,11 @@ def time_peers(runs, repeat, *, budget_s=None, min_sample_s=2e-3, max_number=100
                 if budget_s is not None and len(samples[peer]) >= 3 and spent[peer] >= budget_s:
                     continue
                 n = number[peer]
-                if n > 1:
+                if warm[peer]:
+                    end = time.perf_counter() + warm_s
+                    while time.perf_counter() < end:
+                        fn()
+                elif n > 1:
                     fn()
                 t0 = time.perf_counter()
                 for _ in range(n):
@@ -222,6 +233,7 @@ def copy_kernel():
 
 
 COPY_PEER = "copy (same bytes)"
+WARM_S = 0.05
 
 
 def same_bytes_copy(nbytes):
@@ -293,7 +305,7 @@ def compare(got, ref, names, rtol, atol):
 
 # =========================================================================== measuring
 
-def measure(case, repeat, ceiling_gbs, budget_s=None):
+def measure(case, repeat, ceiling_gbs, budget_s=None, warm_s=0.0):
     """Time every peer of ``case``, verify it, and return its result row (a dict)."""
     spec = case.spec
     row = {"case": case.name, "family": family_of(spec).FAMILY, "op": spec.op,
@@ -303,7 +315,7 @@ def measure(case, repeat, ceiling_gbs, budget_s=None):
            "bytes": case.nbytes, "first_call_s": case.first_call_s}
     runs = dict(case.runs)
     runs[COPY_PEER] = same_bytes_copy(case.nbytes)
-    times = time_peers(runs, repeat, budget_s=budget_s)
+    times = time_peers(runs, repeat, budget_s=budget_s, warm_s=warm_s)
     row["ms"] = {peer: t["s"] * 1e3 for peer, t in times.items()}
     row["samples"] = {peer: t["samples"] for peer, t in times.items()}
     copy_gbs = case.nbytes / row["ms"][COPY_PEER] / 1e6
@@ -334,7 +346,7 @@ def error_row(spec, direction, exc):
             "error": f"{type(exc).__name__}: {exc}", "ok": False}
 
 
-def run_spec(spec, torch, repeat, ceiling_gbs, budget_s=None, log=None):
+def run_spec(spec, torch, repeat, ceiling_gbs, budget_s=None, log=None, warm_s=0.0):
     """Build, time and verify the three cases of one spec; the arrays die with it."""
     try:
         cases = build(spec, torch)
@@ -343,7 +355,7 @@ def run_spec(spec, torch, repeat, ceiling_gbs, budget_s=None, log=None):
     rows = []
     for direction, case in cases.items():
         try:
-            rows.append(measure(case, repeat, ceiling_gbs, budget_s))
+            rows.append(measure(case, repeat, ceiling_gbs, budget_s, warm_s))
         except Exception as exc:
             rows.append(error_row(spec, direction, exc))
         if log:
@@ -598,6 +610,7 @@ def bench(argv=None):
         return 2
     repeat = args.repeat or (3 if args.quick else 15)
     budget = None if args.repeat else (0.5 if args.quick else 5.0)
+    warm = 0.0 if args.quick else WARM_S
 
     torch = import_torch()
     info = machine_info(torch)
@@ -614,6 +627,9 @@ def bench(argv=None):
     head.append(f"OMP_WAIT_POLICY={info['OMP_WAIT_POLICY']} (PyTorch's and Numba's OpenMP "
                 "pools: idle threads sleep instead of spinning on the other's cores)")
     head.append(f"medians of {repeat} samples per peer, round robin, after a warm-up call"
+                + (f"; a peer faster than {warm * 1e3:.0f} ms runs untimed for that long "
+                   "before each sample (cores left idle by a single-threaded peer run "
+                   "slower for ~25 ms)" if warm else "")
                 + ("" if budget is None else f" (a peer stops after {budget:g} s)")
                 + ("; --quick shapes (cache-sized: a check of the machinery, not of the"
                    " memory-bound speed)" if args.quick else "; standard shapes"))
@@ -623,7 +639,7 @@ def bench(argv=None):
     progress, write = _progress(specs)
     log = lambda s: write(s, file=sys.stderr)  # noqa: E731
     for spec in progress:
-        rows += run_spec(spec, torch, repeat, ceiling, budget, log)
+        rows += run_spec(spec, torch, repeat, ceiling, budget, log, warm)
 
     first = first_call_per_op(rows)
     notes = summary_lines(rows, first)

@@ -146,3 +146,28 @@ def test_case_table_counts_minimal_bytes():
     assert all(q.shape[1:] == s.shape[1:] and q.shape[0] < s.shape[0]
                for q, s in zip(quick, _bench_norm.SPECS))
     assert _bench.family_of(spec) is _bench_norm and cases["fwd"].spec is spec
+
+
+def test_time_peers_warms_fast_peers_before_each_sample():
+    """A peer faster than warm_s runs untimed for warm_s before each timed sample;
+    a slower one does not (its own call is long enough to wake the cores)."""
+    calls = {"fast": 0, "slow": 0}
+
+    def fast():
+        calls["fast"] += 1
+
+    def slow():
+        calls["slow"] += 1
+        end = _bench.time.perf_counter() + 0.012
+        while _bench.time.perf_counter() < end:
+            pass
+
+    t = _bench.time_peers({"fast": fast, "slow": slow}, 3, warm_s=0.01)
+    assert t["fast"]["samples"] == t["slow"]["samples"] == 3
+    assert calls["slow"] == 1 + 3                      # the warm-up call, then one per sample
+    # each warm spell of the fast peer spans 10 ms of calls
+    assert calls["fast"] > 3 * t["fast"]["number"] + 100
+    calls["fast"] = 0
+    t = _bench.time_peers({"fast": fast}, 3, warm_s=0.0)
+    n = t["fast"]["number"]
+    assert n > 1 and calls["fast"] == 2 + 3 * (1 + n)   # no spells without warm_s
