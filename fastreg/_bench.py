@@ -137,6 +137,7 @@ class Case:
     verify: object = None                       # () -> compare() dict: fastreg vs reference
     check_torch: object = None                  # () -> compare() dict: torch vs reference
     first_call_s: float | None = None           # fastreg's first call in this process
+    floor_bytes: int | None = None              # bytes any kernel must move (None: nbytes)
 
     @property
     def name(self):
@@ -320,6 +321,10 @@ def measure(case, repeat, ceiling_gbs, budget_s=None, warm_s=0.0):
     row["samples"] = {peer: t["samples"] for peer, t in times.items()}
     copy_gbs = case.nbytes / row["ms"][COPY_PEER] / 1e6
     row["copy beside"] = {"ms": row["ms"][COPY_PEER], "GB/s": copy_gbs}
+    # The best x torch a kernel could reach: its floor bytes at the copy's speed.
+    row["floor bytes"] = case.floor_bytes or case.nbytes
+    floor_ms = row["ms"][COPY_PEER] * row["floor bytes"] / case.nbytes
+    row["x torch at floor"] = row["ms"]["torch"] / floor_ms if "torch" in row["ms"] else None
     for variant in ("fastreg", "fastreg fresh"):
         if variant not in row["ms"]:          # an in-place update has no fresh outputs
             continue

@@ -61,6 +61,12 @@ def test_bench_quick_runs_and_writes_results(tmp_path):
             beside = r["bytes"] / r["ms"]["copy (same bytes)"] / 1e6
             assert v["% copy beside"] == pytest.approx(100 * v["GB/s"] / beside)
         assert r["copy beside"]["GB/s"] == pytest.approx(beside)
+        assert r["floor bytes"] == r["bytes"]          # layer norm: each row read once
+        if "torch" in r["ms"]:
+            assert r["x torch at floor"] == pytest.approx(r["ms"]["torch"]
+                                                          / r["ms"]["copy (same bytes)"])
+        else:
+            assert r["x torch at floor"] is None
     verified = [r for r in rows if "verify" in r]
     assert len(verified) == 4                 # fwd and bwd of both shapes
     assert all(r["ok"] and r["verify"]["err/tol"] <= 1 for r in verified)
@@ -138,6 +144,13 @@ def test_case_table_counts_minimal_bytes():
     # bwd: read dy, x, mean, rstd, w; write dx, dw, db
     assert cases["bwd"].nbytes == 3 * x + 3 * 3 * 4 + 2 * 3 * 4
     assert cases["fwd+bwd"].nbytes == cases["fwd"].nbytes + cases["bwd"].nbytes
+    # statistics over rows: x read twice forward, dy and x twice backward
+    assert cases["fwd"].floor_bytes == cases["fwd"].nbytes + x
+    assert cases["bwd"].floor_bytes == cases["bwd"].nbytes + 2 * x
+    assert cases["fwd+bwd"].floor_bytes == cases["fwd"].floor_bytes + cases["bwd"].floor_bytes
+    nchw = _bench.build(_bench_norm.Spec("batch_norm", (4, 3, 6, 5), "NCHW"))
+    assert nchw["fwd"].floor_bytes == nchw["fwd"].nbytes       # a channel at a time, cached
+    assert nchw["bwd"].floor_bytes == nchw["bwd"].nbytes
     assert cases["fwd"].verify()["ok"] and cases["bwd"].verify()["ok"]
     assert [s.op for s in _bench.select_specs("layer_norm,rms_*")] == ["layer_norm"] * 2 + \
         ["rms_norm"] * 2
@@ -171,3 +184,16 @@ def test_time_peers_warms_fast_peers_before_each_sample():
     t = _bench.time_peers({"fast": fast}, 3, warm_s=0.0)
     n = t["fast"]["number"]
     assert n > 1 and calls["fast"] == 2 + 3 * (1 + n)   # no spells without warm_s
+
+
+def test_norm_summary_lists_cases_below_the_torch_target_with_their_floor():
+    def row(direction, x_torch, floor, nbytes=300):
+        return {"op": "batch_norm", "shape": [64, 56, 56, 64], "layout": "NHWC",
+                "direction": direction, "ms": {}, "bytes": nbytes, "floor bytes": floor,
+                "x torch at floor": 1.18, "fastreg": {"x torch": x_torch, "x numpy": 40.0}}
+    lines = _bench_norm.summary([row("fwd", 1.6, 450), row("bwd", 1.17, 500),
+                                 row("fwd+bwd", 1.3, 950)])
+    assert lines[0].startswith("fwd+bwd, fastreg out= vs NumPy reference") and "40.0x" in lines[0]
+    below = lines[1]
+    assert "batch_norm 64x56x56x64 NHWC bwd 1.17x (at most 1.18x, floor 1.67x the minimal" in below
+    assert " fwd 1.6" not in below and "fwd+bwd 1.30x" not in below    # met, or not a target
