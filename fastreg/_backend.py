@@ -45,7 +45,7 @@ _forced = contextvars.ContextVar("fastreg_backend", default=None)
 
 def array_kind(a):
     """'numpy', 'cupy' or None, decided without importing CuPy."""
-    if isinstance(a, np.ndarray):
+    if type(a) is np.ndarray or isinstance(a, np.ndarray):
         return "numpy"
     module = type(a).__module__ or ""
     if module.split(".")[0] == "cupy" and type(a).__name__ == "ndarray":
@@ -90,6 +90,9 @@ def select(family, *arrays, backend=None, caller="fastreg"):
         raise TypeError(f"{caller}: all arrays must come from one library, got {sorted(kinds)}.")
     kind = kinds.pop() if kinds else "numpy"
     name = backend or _forced.get() or os.environ.get("FASTREG_BACKEND") or _DEFAULT_FOR_KIND[kind]
+    hit = _selected.get((family, name, caller))
+    if hit is not None and _KIND_OF_BACKEND[name] == kind:
+        return hit[0]
     _check_name(name, caller)
     if _KIND_OF_BACKEND[name] != kind:
         raise TypeError(f"{caller}: 'backend' {name!r} runs {_KIND_OF_BACKEND[name]} arrays, "
@@ -99,7 +102,16 @@ def select(family, *arrays, backend=None, caller="fastreg"):
         raise RuntimeError(f"{caller}: the {name!r} backend does not implement {caller} in this "
                            "version of fastreg; use NumPy arrays with backend 'cpu' or "
                            "'reference'.")
-    return _Guarded(module, name, caller)
+    package = importlib.import_module(_REGISTRY[name])
+    guarded = _Guarded(module, name, caller)
+    _selected[(family, name, caller)] = (guarded, package)
+    return guarded
+
+
+# (family, backend, caller) -> (its _Guarded module, the backend's package): the
+# checks above pass once per key, then a dispatch is one look-up (a call's
+# Python layers run with cold caches after a big kernel, ~1 us per function)
+_selected = {}
 
 
 # --------------------------------------------------------------------------- guarded calls
@@ -222,8 +234,7 @@ class _Guarded:
 def dtypes(family, *arrays, backend=None, caller="fastreg"):
     """The module for ``family`` and the dtypes its backend supports."""
     module = select(family, *arrays, backend=backend, caller=caller)
-    package = importlib.import_module(module.__name__.rpartition(".")[0])
-    return module, package.DTYPES
+    return module, _selected[(family, module._backend, caller)][1].DTYPES
 
 
 def _xp(kind):

@@ -91,6 +91,7 @@ Conventions
 
 from __future__ import annotations
 
+import math
 import numpy as np
 
 from . import _backend, _checks
@@ -633,8 +634,8 @@ def _stats_shape(shape, axis):
 
 
 def _check_fit_size(caller, x, axis):
-    n = int(np.prod([x.shape[k] for k in axis]))
-    if n == 0 and int(np.prod(_stats_shape(x.shape, axis))) > 0:
+    n = int(math.prod([x.shape[k] for k in axis]))
+    if n == 0 and int(math.prod(_stats_shape(x.shape, axis))) > 0:
         raise ValueError(f"{caller}: 'x' must have at least one element along axis {axis} "
                          f"to fit statistics, got shape {x.shape}.")
 

@@ -15,6 +15,7 @@ Caching: ``cache=True`` unless ``FASTREG_NUMBA_CACHE=0``. Numba does not see
 edits to helpers in other files, so kernels do not call across modules.
 """
 
+import math
 import os
 
 import numba
@@ -108,7 +109,7 @@ class ChannelLayout:
         self.order = order if order is not None else tuple(range(x.ndim))
         shape = tuple(x.shape[k] for k in self.order)
         pos = self.order.index(axis)
-        self.shape3 = (int(np.prod(shape[:pos])), shape[pos], int(np.prod(shape[pos + 1:])))
+        self.shape3 = (int(math.prod(shape[:pos])), shape[pos], int(math.prod(shape[pos + 1:])))
 
     def input(self, a):
         t = a.transpose(self.order)

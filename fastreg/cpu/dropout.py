@@ -178,8 +178,8 @@ def drop_connect_inference(x, weight, bias, seed, offset, mean_scale, var_scale,
 # =========================================================================== dropout + add + LN
 
 def _rows(a, k):
-    D = int(np.prod(a.shape[a.ndim - k:]))
-    return int(np.prod(a.shape[:a.ndim - k])), D
+    D = int(math.prod(a.shape[a.ndim - k:]))
+    return int(math.prod(a.shape[:a.ndim - k])), D
 
 
 def _word_aligned_rows(D, elements=8192):

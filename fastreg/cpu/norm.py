@@ -26,6 +26,7 @@ Bytes (minimal): fwd read x, write y (+ params and stats); bwd read dy, x,
 write dx (+ params and stats).
 """
 
+import math
 import numba
 import numpy as np
 from numba import prange
@@ -34,8 +35,8 @@ from ._common import PARALLEL_JIT, block_rows, contiguous, finish, param, reduce
 
 
 def _rows(a, k):
-    D = int(np.prod(a.shape[a.ndim - k:]))
-    M = int(np.prod(a.shape[:a.ndim - k]))
+    D = int(math.prod(a.shape[a.ndim - k:]))
+    M = int(math.prod(a.shape[:a.ndim - k]))
     return M, D
 
 

@@ -566,13 +566,13 @@ class _Groups:
             self.shape3 = (x.size, 1, 1)
             self.perm = None
         elif adjacent and x.flags.c_contiguous:
-            size = lambda ks: int(np.prod([x.shape[k] for k in ks]))
+            size = lambda ks: int(math.prod([x.shape[k] for k in ks]))
             self.shape3 = (size(range(axis[0])), size(axis), size(range(axis[-1] + 1, nd)))
             self.perm = None
         else:
             self.perm = keep + axis
-            self.shape3 = (int(np.prod([x.shape[k] for k in keep])),
-                           int(np.prod([x.shape[k] for k in axis])), 1)
+            self.shape3 = (int(math.prod([x.shape[k] for k in keep])),
+                           int(math.prod([x.shape[k] for k in axis])), 1)
         self.stats_shape = tuple(x.shape[k] for k in keep)
         self.blocks = _blocks(*self.shape3)
 
