@@ -28,8 +28,9 @@ def run():
     y, r = fastreg.rms_norm(x, w)
     results["rms"] = (y, r, *fastreg.rms_norm_backward(data(*x.shape), x, r, w))
 
+    # bn_nchw_big: over 8 MiB, so training walks the chunks in memory order (17 sample blocks)
     for name, shape, axis in [("bn_nchw", (9, 7, 33, 17), 1), ("bn_nhwc", (9, 33, 17, 7), -1),
-                              ("bn_2d", (1003, 65), 1)]:
+                              ("bn_2d", (1003, 65), 1), ("bn_nchw_big", (17, 6, 161, 159), 1)]:
         x = data(*shape)
         C = shape[axis]
         w, b, rm, rv = data(C), data(C), np.zeros(C, np.float32), np.ones(C, np.float32)

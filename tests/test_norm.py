@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from _assert import assert_close, tol
-from cases import all_cases
+from cases import BATCH_NORM, all_cases
 from conftest import poisoned
 
 CASES = list(all_cases())
@@ -91,6 +91,40 @@ def test_backward_matches_reference(op, shape, variant, dtype, rng):
     _assert_unchanged(before, d, case)
     for s0, s1 in zip(saved_before, saved):
         assert np.array_equal(s0, s1, equal_nan=True), f"{case}: saved statistics modified"
+
+
+# the table's batch norm rows, and NCHW chunks with many sample blocks, with
+# channel blocks (few samples) and with the fused ReLU
+BATCH_NORM_CASES = [c for c in CASES if c[0].name == "batch_norm"] + [
+    (BATCH_NORM, shape, variant,
+     f"batch_norm-{'x'.join(map(str, shape))}-" + ",".join(f"{k}={v}" for k, v in variant.items()))
+    for shape, variant in [((33, 2, 64), {"activation": "relu"}), ((2, 3, 40), {}),
+                           ((1, 40, 33), {})]]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: np.dtype(t).name)
+@pytest.mark.parametrize("op,shape,variant", [c[:3] for c in BATCH_NORM_CASES],
+                         ids=[c[3] for c in BATCH_NORM_CASES])
+def test_batch_norm_training_walks_chunks_in_memory_order(op, shape, variant, dtype, rng,
+                                                          monkeypatch):
+    """Batches of 8 MiB and more train in memory order; here every size does."""
+    from fastreg.cpu import _batch_norm
+    monkeypatch.setattr(_batch_norm, "_CHANNELS_MAX_BYTES", 0)
+    test_forward_matches_reference(op, shape, variant, dtype, rng)
+
+
+def test_batch_norm_chunk_tasks_cover_every_chunk_once():
+    from fastreg.cpu import _batch_norm
+    for A, C in [(0, 3), (1, 1), (1, 40), (2, 5), (7, 3), (17, 6), (64, 64), (100, 2), (33, 1)]:
+        rows, cpb, ncb = _batch_norm._chunk_tasks(A, C)
+        nab = -(-A // rows)
+        seen = np.zeros((A, C), int)
+        for task in range(nab * ncb):
+            ablk, a0, a1, c0, c1 = _batch_norm._task(task, rows, cpb, ncb, A, C)
+            assert ablk == task // ncb and a0 < a1 and c0 < c1
+            seen[a0:a1, c0:c1] += 1
+        assert (seen == 1).all(), (A, C)
+        assert nab * ncb >= min(A * C, _batch_norm._MIN_TASKS) and nab <= 32, (A, C)
 
 
 @pytest.mark.parametrize("op_name", ["layer_norm", "rms_norm"])
