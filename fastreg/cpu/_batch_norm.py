@@ -137,6 +137,30 @@ def _moments_task(x, shift, a0, a1, c0, c1, p1, p2):
 
 
 @numba.njit(**JIT)
+def _channel_statistics(s1, s2, k, inv_n, eps):
+    """(mean, rstd, biased var) from the shifted sums s1, s2 of a channel (shift k)."""
+    m1 = s1 * inv_n
+    v = s2 * inv_n - m1 * m1
+    if v < 0.0:  # rounding; NaN passes through
+        v = 0.0
+    return k + m1, 1.0 / np.sqrt(v + eps), v
+
+
+@numba.njit(**JIT)
+def _normalize_task(x, mean, rstd, w, b, lo, a0, a1, c0, c1, y):
+    """y = act((x - mean) * rstd * w + b) over the task's chunks."""
+    B = x.shape[2]
+    for a in range(a0, a1):
+        for c in range(c0, c1):
+            mu = mean[c]
+            s = rstd[c] * w[c]
+            t = np.float64(b[c])
+            for j in range(B):
+                v = (x[a, c, j] - mu) * s + t
+                y[a, c, j] = lo if v < lo else v  # lo = 0 (ReLU) or -inf; keeps NaN
+
+
+@numba.njit(**JIT)
 def _grad_sums_task(dy, x, y, mean, a0, a1, c0, c1, pg, pgx):
     """pg[c], pgx[c] = sums of dz and dz * (x - mean) over the task's chunks of channel c."""
     B = x.shape[2]
@@ -204,35 +228,11 @@ def _batch_norm_fwd_channels(x, w, b, eps, training, lo, G, shift, y, mean, rstd
         c1 = min(C, c0 + G)
         if training:
             # mean and var first accumulate the shifted sums, chunk by chunk.
-            mean[c0:c1] = 0.0
-            var[c0:c1] = 0.0
-            for a in range(A):
-                for c in range(c0, c1):
-                    k = np.float64(shift[c])
-                    s1 = 0.0
-                    s2 = 0.0
-                    for j in range(B):
-                        d = x[a, c, j] - k
-                        s1 += d
-                        s2 += d * d
-                    mean[c] += s1
-                    var[c] += s2
+            _moments_task(x, shift, 0, A, c0, c1, mean, var)
             for c in range(c0, c1):
-                m1 = mean[c] * inv_n
-                v = var[c] * inv_n - m1 * m1
-                if v < 0.0:  # rounding; NaN passes through
-                    v = 0.0
-                mean[c] = shift[c] + m1
-                rstd[c] = 1.0 / np.sqrt(v + eps)
-                var[c] = v
-        for a in range(A):
-            for c in range(c0, c1):
-                mu = mean[c]
-                s = rstd[c] * w[c]
-                t = np.float64(b[c])
-                for j in range(B):
-                    v = (x[a, c, j] - mu) * s + t
-                    y[a, c, j] = lo if v < lo else v  # lo = 0 (ReLU) or -inf; keeps NaN
+                mean[c], rstd[c], var[c] = _channel_statistics(mean[c], var[c], shift[c],
+                                                               inv_n, eps)
+        _normalize_task(x, mean, rstd, w, b, lo, 0, A, c0, c1, y)
 
 
 @numba.njit(**PARALLEL_JIT)
@@ -246,23 +246,12 @@ def _batch_norm_fwd_chunks(x, w, b, eps, training, lo, rows, cpb, ncb, shift, y,
             _moments_task(x, shift, a0, a1, c0, c1, part1[ablk], part2[ablk])
         inv_n = 1.0 / max(A * B, 1)
         for c in range(C):
-            m1 = _sum_blocks_in_order(part1, c) * inv_n
-            v = _sum_blocks_in_order(part2, c) * inv_n - m1 * m1
-            if v < 0.0:  # rounding; NaN passes through
-                v = 0.0
-            mean[c] = shift[c] + m1
-            rstd[c] = 1.0 / np.sqrt(v + eps)
-            var[c] = v
+            mean[c], rstd[c], var[c] = _channel_statistics(
+                _sum_blocks_in_order(part1, c), _sum_blocks_in_order(part2, c), shift[c], inv_n,
+                eps)
     for task in prange(tasks):
         ablk, a0, a1, c0, c1 = _task(task, rows, cpb, ncb, A, C)
-        for a in range(a0, a1):
-            for c in range(c0, c1):
-                mu = mean[c]
-                s = rstd[c] * w[c]
-                t = np.float64(b[c])
-                for j in range(B):
-                    v = (x[a, c, j] - mu) * s + t
-                    y[a, c, j] = lo if v < lo else v  # lo = 0 (ReLU) or -inf; keeps NaN
+        _normalize_task(x, mean, rstd, w, b, lo, a0, a1, c0, c1, y)
 
 
 @numba.njit(**PARALLEL_JIT)
@@ -382,30 +371,19 @@ def _batch_norm_bwd_channels(dy, x, y, mean, rstd, w, training, sums, G, dx, dw,
         c0 = grp * G
         c1 = min(C, c0 + G)
         if sums:
-            db[c0:c1] = 0.0
-            dw[c0:c1] = 0.0  # sum(dz * (x - mean)) until scaled by rstd below
-            for a in range(A):
-                for c in range(c0, c1):
-                    mu = mean[c]
-                    sg = 0.0
-                    sgx = 0.0
-                    for j in range(B):
-                        g = _dz(dy, y, (a, c, j))
-                        sg += g
-                        sgx += g * (x[a, c, j] - mu)
-                    db[c] += sg
-                    dw[c] += sgx
+            # dw holds sum(dz * (x - mean)) until scaled by rstd
+            _grad_sums_task(dy, x, y, mean, 0, A, c0, c1, db, dw)
             for c in range(c0, c1):
                 dw[c] *= rstd[c]
         for a in range(A):
             for c in range(c0, c1):
                 mu = mean[c]
-                alpha = rstd[c] * w[c]
-                beta = alpha * rstd[c] * dw[c] * inv_n if training else 0.0
-                gamma = alpha * db[c] * inv_n if training else 0.0
-                for j in range(B):
+                al = rstd[c] * w[c]
+                be = al * rstd[c] * dw[c] * inv_n if training else 0.0
+                ga = al * db[c] * inv_n if training else 0.0
+                for j in range(B):  # coefficients as scalars: 15% faster than _dx_task at 6 MB
                     g = _dz(dy, y, (a, c, j))
-                    dx[a, c, j] = g * alpha - (x[a, c, j] - mu) * beta - gamma
+                    dx[a, c, j] = g * al - (x[a, c, j] - mu) * be - ga
 
 
 @numba.njit(**PARALLEL_JIT)
