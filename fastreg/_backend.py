@@ -91,26 +91,25 @@ def select(family, *arrays, backend=None, caller="fastreg"):
     kind = kinds.pop() if kinds else "numpy"
     name = backend or _forced.get() or os.environ.get("FASTREG_BACKEND") or _DEFAULT_FOR_KIND[kind]
     hit = _selected.get((family, name, caller))
-    if hit is not None and _KIND_OF_BACKEND[name] == kind:
-        return hit[0]
-    _check_name(name, caller)
-    if _KIND_OF_BACKEND[name] != kind:
-        raise TypeError(f"{caller}: 'backend' {name!r} runs {_KIND_OF_BACKEND[name]} arrays, "
-                        f"got {kind} arrays.")
-    module = importlib.import_module(f"{_REGISTRY[name]}.{family}")
-    if caller in getattr(module, "UNSUPPORTED", ()):
+    if hit is None or _KIND_OF_BACKEND[name] != kind:
+        _check_name(name, caller)
+        if _KIND_OF_BACKEND[name] != kind:
+            raise TypeError(f"{caller}: 'backend' {name!r} runs {_KIND_OF_BACKEND[name]} arrays, "
+                            f"got {kind} arrays.")
+        module = importlib.import_module(f"{_REGISTRY[name]}.{family}")
+        hit = _selected[(family, name, caller)] = (
+            _Guarded(module, name, caller), importlib.import_module(_REGISTRY[name]), module)
+    if caller in getattr(hit[2], "UNSUPPORTED", ()):
         raise RuntimeError(f"{caller}: the {name!r} backend does not implement {caller} in this "
                            "version of fastreg; use NumPy arrays with backend 'cpu' or "
                            "'reference'.")
-    package = importlib.import_module(_REGISTRY[name])
-    guarded = _Guarded(module, name, caller)
-    _selected[(family, name, caller)] = (guarded, package)
-    return guarded
+    return hit[0]
 
 
-# (family, backend, caller) -> (its _Guarded module, the backend's package): the
-# checks above pass once per key, then a dispatch is one look-up (a call's
-# Python layers run with cold caches after a big kernel, ~1 us per function)
+# (family, backend, caller) -> (its _Guarded module, the backend's package, the
+# module): the name and kind checks pass once per key, then a dispatch is a
+# look-up (a call's Python layers run with cold caches after a big kernel,
+# ~1 us per function)
 _selected = {}
 
 

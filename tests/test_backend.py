@@ -75,3 +75,16 @@ def test_import_loads_neither_cupy_nor_the_cuda_backend():
             "print(sorted(m for m in ('cupy', 'ml_dtypes', 'fastreg.cuda') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_a_cached_selection_still_refuses_an_op_listed_unsupported(monkeypatch):
+    """The dispatcher remembers a (family, backend, op) after its first call; an op
+    the module lists as unsupported afterwards is still refused by name."""
+    from fastreg.reference import norm as reference_norm
+    x = np.ones((3, 4), np.float32)
+    fastreg.layer_norm(x, backend="reference")          # remembered from here on
+    monkeypatch.setattr(reference_norm, "UNSUPPORTED", frozenset({"layer_norm"}), raising=False)
+    with pytest.raises(RuntimeError, match="layer_norm: the 'reference' backend does not "
+                                           "implement layer_norm"):
+        fastreg.layer_norm(x, backend="reference")
+    fastreg.rms_norm(x, backend="reference")             # other ops of the family still run
