@@ -45,7 +45,7 @@ _forced = contextvars.ContextVar("fastreg_backend", default=None)
 
 def array_kind(a):
     """'numpy', 'cupy' or None, decided without importing CuPy."""
-    if type(a) is np.ndarray or isinstance(a, np.ndarray):
+    if isinstance(a, np.ndarray):
         return "numpy"
     module = type(a).__module__ or ""
     if module.split(".")[0] == "cupy" and type(a).__name__ == "ndarray":
@@ -85,6 +85,11 @@ def select(family, *arrays, backend=None, caller="fastreg"):
     Raises TypeError when the arrays mix libraries or do not suit the
     requested backend, and RuntimeError when a backend is not available.
     """
+    return _select(family, arrays, backend, caller)[0]
+
+
+def _select(family, arrays, backend, caller):
+    """(the guarded family module, the backend's package) for a call."""
     kinds = {array_kind(a) for a in arrays} - {None}  # non-arrays are the checks' business
     if len(kinds) > 1:
         raise TypeError(f"{caller}: all arrays must come from one library, got {sorted(kinds)}.")
@@ -98,18 +103,17 @@ def select(family, *arrays, backend=None, caller="fastreg"):
                             f"got {kind} arrays.")
         module = importlib.import_module(f"{_REGISTRY[name]}.{family}")
         hit = _selected[(family, name, caller)] = (
-            _Guarded(module, name, caller), importlib.import_module(_REGISTRY[name]), module)
-    if caller in getattr(hit[2], "UNSUPPORTED", ()):
+            _Guarded(module, name, caller), importlib.import_module(_REGISTRY[name]))
+    if caller in getattr(hit[0]._module, "UNSUPPORTED", ()):
         raise RuntimeError(f"{caller}: the {name!r} backend does not implement {caller} in this "
                            "version of fastreg; use NumPy arrays with backend 'cpu' or "
                            "'reference'.")
-    return hit[0]
+    return hit
 
 
-# (family, backend, caller) -> (its _Guarded module, the backend's package, the
-# module): the name and kind checks pass once per key, then a dispatch is a
-# look-up (a call's Python layers run with cold caches after a big kernel,
-# ~1 us per function)
+# (family, backend, caller) -> (its _Guarded module, the backend's package): the
+# name and kind checks pass once per key, then a dispatch is a look-up (a call's
+# Python layers run with cold caches after a big kernel, ~1 us per function)
 _selected = {}
 
 
@@ -232,8 +236,8 @@ class _Guarded:
 
 def dtypes(family, *arrays, backend=None, caller="fastreg"):
     """The module for ``family`` and the dtypes its backend supports."""
-    module = select(family, *arrays, backend=backend, caller=caller)
-    return module, _selected[(family, module._backend, caller)][1].DTYPES
+    module, package = _select(family, arrays, backend, caller)
+    return module, package.DTYPES
 
 
 def _xp(kind):

@@ -116,8 +116,8 @@ def test_batch_norm_training_walks_chunks_in_memory_order(op, shape, variant, dt
 def test_batch_norm_chunk_tasks_cover_every_chunk_once():
     from fastreg.cpu import _batch_norm
     for A, C in [(0, 3), (1, 1), (1, 40), (2, 5), (7, 3), (17, 6), (64, 64), (100, 2), (33, 1)]:
-        rows, cpb, ncb = _batch_norm._chunk_tasks(A, C)
-        nab = -(-A // rows)
+        rows, nab, cpb, ncb = _batch_norm._chunk_tasks(A, C)
+        assert nab == -(-A // rows)
         seen = np.zeros((A, C), int)
         for task in range(nab * ncb):
             ablk, a0, a1, c0, c1 = _batch_norm._task(task, rows, cpb, ncb, A, C)

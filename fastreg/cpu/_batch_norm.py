@@ -96,7 +96,8 @@ _MIN_TASKS = 16
 
 
 def _chunk_tasks(A, C):
-    """(samples per block, channels per block, channel blocks) of the chunk kernels.
+    """(samples per block, sample blocks, channels per block, channel blocks) of the
+    chunk kernels.
 
     Sample blocks as for cross-row sums (at most REDUCE_BLOCKS), each split into
     channel blocks only as far as needed for ``_MIN_TASKS`` tasks. Fixed by the
@@ -105,7 +106,7 @@ def _chunk_tasks(A, C):
     rows, nab = block_rows(A)
     ncb = max(1, min(C, -(-_MIN_TASKS // max(nab, 1))))
     cpb = max(1, C // ncb)
-    return rows, cpb, -(-C // cpb)
+    return rows, nab, cpb, -(-C // cpb)
 
 
 @numba.njit(**JIT)
@@ -337,8 +338,7 @@ def batch_norm(x, weight, bias, eps, axis, activation, training, out):
         _batch_norm_fwd_channels(x3, w, b, eps, training, lo, _channel_group(A, B, C, x.itemsize),
                                  shift, y3, mean64, rstd64, var)
     elif _channels_first(B, x.itemsize):
-        rows, cpb, ncb = _chunk_tasks(A, C)
-        nab = -(-A // rows)
+        rows, nab, cpb, ncb = _chunk_tasks(A, C)
         _batch_norm_fwd_chunks(x3, w, b, eps, training, lo, rows, cpb, ncb, shift, y3, mean64,
                                rstd64, var, np.empty((nab, C)), np.empty((nab, C)))
     else:
@@ -557,8 +557,7 @@ def batch_norm_stats(x, axis, out):
     shift = x3[0, :, 0].copy() if A * B else np.zeros(C, x.dtype)
     n64, mean64, m264 = np.empty(C), np.empty(C), np.empty(C)
     if _channels_first(B, x.itemsize):
-        rows, cpb, ncb = _chunk_tasks(A, C)
-        nab = -(-A // rows)
+        rows, nab, cpb, ncb = _chunk_tasks(A, C)
         _batch_norm_stats_chunks(x3, rows, cpb, ncb, shift, n64, mean64, m264,
                                  np.empty((nab, C)), np.empty((nab, C)))
     else:
@@ -657,8 +656,7 @@ def batch_norm_backward_reduce(dy, x, mean, rstd, axis, y, out):
     mean64, rstd64 = mean.astype(np.float64), rstd.astype(np.float64)
     sdy, sdx = np.empty(C), np.empty(C)
     if _channels_first(B, x.itemsize):
-        rows, cpb, ncb = _chunk_tasks(A, C)
-        nab = -(-A // rows)
+        rows, nab, cpb, ncb = _chunk_tasks(A, C)
         _batch_norm_bwd_reduce_chunks(dy3, x3, y3, mean64, rstd64, rows, cpb, ncb, sdy, sdx,
                                       np.empty((nab, C)), np.empty((nab, C)))
     else:
@@ -718,9 +716,9 @@ def batch_norm_backward_apply(dy, x, mean, rstd, weight, sum_dy, sum_dy_xhat, co
         beta, gamma = np.zeros(C), np.zeros(C)
     alpha = np.ascontiguousarray(np.broadcast_to(alpha, (C,)))
     if _channels_first(B, x.itemsize):
-        rows, cpb, ncb = _chunk_tasks(A, C)
-        _batch_norm_bwd_dx_chunks(dy3, x3, y3, mean64, alpha, beta, gamma, rows, cpb, ncb,
-                                  -(-A // rows), dx3)
+        rows, nab, cpb, ncb = _chunk_tasks(A, C)
+        _batch_norm_bwd_dx_chunks(dy3, x3, y3, mean64, alpha, beta, gamma, rows, cpb, ncb, nab,
+                                  dx3)
     else:
         rows, nb = _row_blocks(A)
         K = C * B
