@@ -197,3 +197,31 @@ def test_norm_summary_lists_cases_below_the_torch_target_with_their_floor():
     below = lines[1]
     assert "batch_norm 64x56x56x64 NHWC bwd 1.17x (at most 1.18x, floor 1.67x the minimal" in below
     assert " fwd 1.6" not in below and "fwd+bwd 1.30x" not in below    # met, or not a target
+
+
+def test_spread_table_gives_each_run_and_the_range(tmp_path):
+    """bench/spread.py: one column per run, the lowest and highest ratio over the runs."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("spread", ROOT / "bench" / "spread.py")
+    spread = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(spread)
+
+    def run(out, fresh, at_most):
+        row = {"family": "norm", "op": "layer_norm", "shape": [8, 4], "layout": "rows",
+               "direction": "fwd", "dtype": "float32", "backend": "cpu",
+               "ms": {"torch": 1.0}, "fastreg": {"x torch": out},
+               "fastreg fresh": {"x torch": fresh}, "x torch at floor": at_most}
+        other = dict(row, backend="reference")             # not a CPU row: left out
+        return {"rows": [row, other]}
+
+    paths = []
+    for i, r in enumerate([run(1.6, 0.9, 2.0), run(1.4, 1.1, 1.8)]):
+        d = tmp_path / f"r{i}"
+        d.mkdir()
+        (d / "results.json").write_text(json.dumps(r))
+        paths.append(str(d))
+    out = tmp_path / "spread.md"
+    assert spread.main(paths + ["--out", str(out)]) == 0
+    lines = [ln for ln in out.read_text().splitlines() if ln.startswith("| layer_norm")]
+    assert lines == ["| layer_norm 8x4 rows | fwd | 1.60 / 0.90 (at most 2.00) | "
+                     "1.40 / 1.10 (at most 1.80) | 1.40-1.60 | 0.90-1.10 |"]
