@@ -20,7 +20,7 @@ import sys
 
 
 def load(path):
-    """{(op, shape, layout, dir): (x torch out=, x torch fresh, at most, torch ms)} of one run."""
+    """{(op, shape, layout, dir): (x torch out=, x torch fresh, at most)} of one run."""
     p = pathlib.Path(path)
     if p.is_dir():
         p = p / "results.json"
@@ -31,7 +31,7 @@ def load(path):
             continue
         key = (r["op"], "x".join(map(str, r["shape"])), r["layout"], r["direction"])
         fresh = r.get("fastreg fresh", {}).get("x torch")
-        rows[key] = (r["fastreg"]["x torch"], fresh, r.get("x torch at floor"), r["ms"].get("torch"))
+        rows[key] = (r["fastreg"]["x torch"], fresh, r.get("x torch at floor"))
     return rows
 
 
@@ -53,7 +53,7 @@ def table(runs):
             if key not in run:
                 cells.append("-")
                 continue
-            out, fresh, at_most, _ = run[key]
+            out, fresh, at_most = run[key]
             outs.append(out)
             if fresh is not None:
                 freshes.append(fresh)
