@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import importlib
+import math
 import os
 import re
 import threading
@@ -247,13 +248,53 @@ def _xp(kind):
     return np
 
 
+# Fresh NumPy outputs of at least ALIGN_FROM bytes start on a HUGE_PAGE boundary.
+HUGE_PAGE = 2 << 20
+ALIGN_FROM = 32 << 20
+
+
 def empty(shape, dtype, *, like=None, inputs=None):
-    """A fresh output in the library of the inputs; copies ``like``'s layout."""
+    """A fresh output in the library of the inputs; copies ``like``'s layout.
+
+    A NumPy output of ``ALIGN_FROM`` (32 MiB) or more starts on a 2 MiB
+    boundary. glibc maps an allocation that large afresh on every call (its
+    mmap threshold stops growing at 32 MiB), and NumPy advises the mapping for
+    transparent huge pages; but a 2 MiB stretch of it is faulted in as one
+    huge page only if the stretch lies wholly inside it, so an unaligned
+    array pays up to 512 4 KiB faults per end (a 32 MiB layer norm output
+    here: 528 faults and 1.8 ms to fill, against 16 and 1.4 ms aligned).
+    Smaller outputs come from the heap, whose memory glibc reuses, already
+    faulted in, call after call.
+    """
     kinds = {array_kind(a) for a in (inputs or {}).values() if a is not None} - {None}
-    xp = _xp("cupy" if "cupy" in kinds else "numpy")
+    if "cupy" in kinds:
+        cupy = _xp("cupy")
+        if like is not None:
+            return cupy.empty_like(like, dtype=dtype, order="K")
+        return cupy.empty(shape, dtype=dtype)
+    dtype = np.dtype(dtype)
     if like is not None:
-        return xp.empty_like(like, dtype=dtype, order="K")
-    return xp.empty(shape, dtype=dtype)
+        shape = like.shape
+    shape = (int(shape),) if isinstance(shape, (int, np.integer)) else tuple(shape)
+    if math.prod(shape) * dtype.itemsize < ALIGN_FROM:
+        if like is not None:
+            return np.empty_like(like, dtype=dtype, order="K")
+        return np.empty(shape, dtype=dtype)
+    # like's axes from the largest stride to the smallest (NumPy's order="K")
+    order = (sorted(range(like.ndim), key=lambda k: -abs(like.strides[k]))
+             if like is not None else list(range(len(shape))))
+    return _aligned_empty([shape[k] for k in order], dtype).transpose(np.argsort(order))
+
+
+def _aligned_empty(shape, dtype):
+    """A C-contiguous array starting on a HUGE_PAGE boundary, cut from a NumPy
+    allocation 2 huge pages longer (the spare one past the end keeps the last
+    2 MiB stretch inside the mapping). Untouched, the spare bytes cost no
+    memory; the array's ``base`` holds the allocation."""
+    nbytes = math.prod(shape) * dtype.itemsize
+    raw = np.empty(nbytes + 2 * HUGE_PAGE, np.uint8)
+    start = -raw.ctypes.data % HUGE_PAGE
+    return raw[start:start + nbytes].view(dtype).reshape(shape)
 
 
 def may_share_memory(a, b):

@@ -20,7 +20,10 @@ Conventions shared by every function here:
   float64 for every input dtype: they are exchanged and merged, see
   ``batch_norm_stats``.
 - ``out=`` is a tuple shaped like the returns; entries left None are
-  allocated. Reusing buffers avoids the page faults of fresh outputs.
+  allocated. Reusing buffers avoids the page faults of fresh outputs. A
+  fresh NumPy output of 32 MiB or more starts on a 2 MiB boundary, so that
+  all of it can be faulted in as transparent huge pages (its ``base`` is the
+  allocation it was cut from).
 - Inputs are never modified; ``running_mean``/``running_var`` are updated in
   place in training, as documented.
 - Statistics of an empty set are mean 0 and variance 0 (rstd = 1/sqrt(eps));

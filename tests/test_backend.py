@@ -88,3 +88,54 @@ def test_a_cached_selection_still_refuses_an_op_listed_unsupported(monkeypatch):
                                            "implement layer_norm"):
         fastreg.layer_norm(x, backend="reference")
     fastreg.rms_norm(x, backend="reference")             # other ops of the family still run
+
+
+# --------------------------------------------------------------------------- fresh outputs
+
+def test_large_fresh_outputs_start_on_a_huge_page_boundary():
+    from fastreg import _backend
+    n = _backend.ALIGN_FROM // 4
+    a = _backend.empty((n,), np.float32, inputs={"x": np.zeros(1, np.float32)})
+    assert a.shape == (n,) and a.dtype == np.float32
+    assert a.flags.c_contiguous and a.flags.writeable
+    assert a.ctypes.data % _backend.HUGE_PAGE == 0
+    # just below the threshold: NumPy's own allocation, whatever its address
+    b = _backend.empty((n - 1,), np.float32)
+    assert b.shape == (n - 1,) and b.flags.owndata
+
+
+@pytest.mark.parametrize("order", [(0, 1, 2, 3), (0, 2, 3, 1), (3, 2, 1, 0)])
+def test_an_aligned_output_keeps_the_layout_of_like(order):
+    from fastreg import _backend
+    stored = (8, 64, 128, 128)                     # 32 MiB of float32, never touched
+    like = np.empty([stored[k] for k in order], np.float32).transpose(np.argsort(order))
+    a = _backend.empty(None, np.float32, like=like, inputs={"x": like})
+    ref = np.empty_like(like, order="K")
+    assert a.shape == like.shape and a.strides == ref.strides
+    assert a.ctypes.data % _backend.HUGE_PAGE == 0
+
+
+def test_an_aligned_output_frees_its_memory_with_the_array():
+    import gc
+    import weakref
+    from fastreg import _backend
+    a = _backend.empty((_backend.ALIGN_FROM // 8,), np.float64)
+    owner = weakref.ref(a.base)
+    del a
+    gc.collect()
+    assert owner() is None
+
+
+def test_ops_write_aligned_fresh_outputs_correctly(monkeypatch):
+    # lower the threshold so a small case takes the aligned path, channels last included
+    from fastreg import _backend
+    monkeypatch.setattr(_backend, "ALIGN_FROM", 1024)
+    rng = np.random.default_rng()
+    x = rng.standard_normal((4, 6, 5, 7)).astype(np.float32).transpose(0, 3, 1, 2)
+    w, b = rng.standard_normal(7).astype(np.float32), rng.standard_normal(7).astype(np.float32)
+    y, mean, rstd = fastreg.batch_norm(x, w, b, training=True)
+    assert y.ctypes.data % _backend.HUGE_PAGE == 0
+    assert y.strides == np.empty_like(x, order="K").strides
+    ry, rmean, rstd_ref = fastreg.batch_norm(x, w, b, training=True, backend="reference")
+    np.testing.assert_allclose(y, ry, rtol=2e-5, atol=2e-5)
+    np.testing.assert_allclose(rstd, rstd_ref, rtol=2e-5, atol=2e-5)
