@@ -267,34 +267,33 @@ def empty(shape, dtype, *, like=None, inputs=None):
     faulted in, call after call.
     """
     kinds = {array_kind(a) for a in (inputs or {}).values() if a is not None} - {None}
-    if "cupy" in kinds:
-        cupy = _xp("cupy")
-        if like is not None:
-            return cupy.empty_like(like, dtype=dtype, order="K")
-        return cupy.empty(shape, dtype=dtype)
+    xp = _xp("cupy" if "cupy" in kinds else "numpy")
     dtype = np.dtype(dtype)
     if like is not None:
         shape = like.shape
-    shape = (int(shape),) if isinstance(shape, (int, np.integer)) else tuple(shape)
-    if math.prod(shape) * dtype.itemsize < ALIGN_FROM:
-        if like is not None:
-            return np.empty_like(like, dtype=dtype, order="K")
-        return np.empty(shape, dtype=dtype)
-    # like's axes from the largest stride to the smallest (NumPy's order="K")
-    order = (sorted(range(like.ndim), key=lambda k: -abs(like.strides[k]))
-             if like is not None else list(range(len(shape))))
-    return _aligned_empty([shape[k] for k in order], dtype).transpose(np.argsort(order))
-
-
-def _aligned_empty(shape, dtype):
-    """A C-contiguous array starting on a HUGE_PAGE boundary, cut from a NumPy
-    allocation 2 huge pages longer (the spare one past the end keeps the last
-    2 MiB stretch inside the mapping). Untouched, the spare bytes cost no
-    memory; the array's ``base`` holds the allocation."""
+    elif isinstance(shape, (int, np.integer)):
+        shape = (int(shape),)
     nbytes = math.prod(shape) * dtype.itemsize
+    if xp is not np or nbytes < ALIGN_FROM:
+        if like is not None:
+            return xp.empty_like(like, dtype=dtype, order="K")
+        return xp.empty(shape, dtype=dtype)
+    if like is None:
+        return _aligned_empty(nbytes, dtype).reshape(shape)
+    # like's axes from the largest stride to the smallest (NumPy's order="K")
+    order = sorted(range(like.ndim), key=lambda k: -abs(like.strides[k]))
+    stored = _aligned_empty(nbytes, dtype).reshape([shape[k] for k in order])
+    return stored.transpose(np.argsort(order))
+
+
+def _aligned_empty(nbytes, dtype):
+    """``nbytes`` of ``dtype`` (1-D) starting on a HUGE_PAGE boundary, cut from a
+    NumPy allocation 2 huge pages longer (the spare one past the end keeps the
+    last 2 MiB stretch inside the mapping). Untouched, the spare bytes cost no
+    memory; the array's ``base`` holds the allocation."""
     raw = np.empty(nbytes + 2 * HUGE_PAGE, np.uint8)
     start = -raw.ctypes.data % HUGE_PAGE
-    return raw[start:start + nbytes].view(dtype).reshape(shape)
+    return raw[start:start + nbytes].view(dtype)
 
 
 def may_share_memory(a, b):
