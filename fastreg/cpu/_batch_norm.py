@@ -40,9 +40,10 @@ over the blocks writes y. x is read twice from memory: the statistics are
 global, so no block can be normalized before every block has been read.
 The least a backward over rows can do (per-channel sums of dy and dy * x,
 then dx = a * dy + b * x + c) ran 1.20-1.37x PyTorch's time beside it
-(64x56x56x64 and 16384x1024 float32, one process); this backward is within
-0-9% of it. Walking the second pass from the last block back, for what L3
-still holds, changed nothing beyond noise (64 and 256 blocks: within 3%).
+(64x56x56x64 and 16384x1024 float32, one process, PyTorch at its usual
+7.8-12.1 ms); this backward was within 10% of it. Walking the second pass
+from the last block back, for what L3 still holds, changed nothing beyond
+noise (64 and 256 blocks: within 3%).
 The per-column shifts and coefficients are re-read for every row, so they
 are kept small (shifts in x's dtype, subtracted exactly in float64): at
 C = 1024 they then stay in L1 beside the streams (2-D fwd and bwd ~8% faster).
